@@ -1,0 +1,59 @@
+# The two commands: `make demo` and `make test`. Each creates .venv and installs what it needs.
+PYTHON ?= python3.11
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SHARED_DATA ?= $(abspath ../shared/data)
+export RARECHANGE_DATA ?= $(SHARED_DATA)
+
+# One stamp per install flavour, remade when pyproject.toml changes.
+SERVE_STAMP := $(VENV)/.stamp-serve
+DEV_STAMP   := $(VENV)/.stamp-dev
+
+.PHONY: demo test lint proto proto-check bench model clean help
+
+help:
+	@echo "make demo   - install serving, start the server, detect changes on a sample pair (out/)"
+	@echo "make test   - install everything, run the test suite"
+	@echo "make lint   - ruff"
+	@echo "make proto  - regenerate serving/api from proto/"
+	@echo "make bench  - run bench/ scripts"
+	@echo "make model  - retrain the bundled thin-path model (models/synthetic-thin)"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+$(SERVE_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e .
+	@touch $@
+
+$(DEV_STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q -e '.[train,export,dev]'
+	@$(BIN)/python -c "import torch; print('torch', torch.__version__)"
+	@touch $@ $(SERVE_STAMP)
+
+demo: $(SERVE_STAMP)
+	$(BIN)/rarechange demo --out out
+
+test: $(DEV_STAMP)
+	$(BIN)/python -m pytest tests
+
+lint: $(DEV_STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+proto: $(DEV_STAMP)
+	$(BIN)/python proto/generate.py
+
+proto-check: $(DEV_STAMP)
+	$(BIN)/python proto/generate.py --check
+
+bench: $(DEV_STAMP)
+	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+
+model: $(DEV_STAMP)
+	$(BIN)/rarechange train --preset thin --out runs/synthetic-thin
+	$(BIN)/rarechange export runs/synthetic-thin --out models/synthetic-thin
+
+clean:
+	rm -rf $(VENV) out runs .pytest_cache .ruff_cache

@@ -1,0 +1,76 @@
+"""ONNX Runtime in-process: the default backend. One InferenceSession per model instance."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from serving.errors import ModelLoadError
+from serving.metadata import INPUT_NAMES, OUTPUT_NAME, ModelMetadata
+
+log = logging.getLogger(__name__)
+
+_ORT_TYPES = {"uint8": "tensor(uint8)", "uint16": "tensor(uint16)", "float32": "tensor(float)"}
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        intra_op_threads: int = 1,
+        inter_op_threads: int = 1,
+        providers: list[str] | None = None,
+    ) -> None:
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = intra_op_threads
+        opts.inter_op_num_threads = inter_op_threads
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        try:
+            self.session = ort.InferenceSession(
+                str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
+            )
+        except Exception as exc:  # ORT raises its own untyped errors for corrupt files
+            raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
+        props = self.session.get_modelmeta().custom_metadata_map
+        self.metadata = ModelMetadata.from_props(props, source=str(path))
+        self._check_signature(path)
+
+    def _check_signature(self, path: Path) -> None:
+        """The graph must take what the metadata says, so serving never feeds it the wrong thing."""
+        m = self.metadata
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        if set(inputs) != set(INPUT_NAMES):
+            raise ModelLoadError(f"{path}: inputs {sorted(inputs)}, expected {list(INPUT_NAMES)}")
+        for name in INPUT_NAMES:
+            arg = inputs[name]
+            if arg.type != _ORT_TYPES[m.input_dtype]:
+                raise ModelLoadError(
+                    f"{path}: input {name!r} is {arg.type} but metadata says {m.input_dtype}"
+                )
+            if list(arg.shape[1:]) != [m.channels, m.patch_size, m.patch_size]:
+                raise ModelLoadError(
+                    f"{path}: input {name!r} has shape {arg.shape}, metadata says "
+                    f"[N, {m.channels}, {m.patch_size}, {m.patch_size}]"
+                )
+        outputs = [o.name for o in self.session.get_outputs()]
+        if outputs != [OUTPUT_NAME]:
+            raise ModelLoadError(f"{path}: outputs {outputs}, expected [{OUTPUT_NAME!r}]")
+
+    def infer(self, before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        out = self.session.run([OUTPUT_NAME], {INPUT_NAMES[0]: before, INPUT_NAMES[1]: after})[0]
+        return np.asarray(out, dtype=np.float32).reshape(-1)
+
+    def close(self) -> None:
+        self.session = None  # type: ignore[assignment]
+
+    def __enter__(self) -> OnnxRuntimeBackend:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

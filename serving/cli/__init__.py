@@ -1,0 +1,1 @@
+"""The `rarechange` command line: one module per subcommand; heavy imports inside each command."""

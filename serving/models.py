@@ -1,0 +1,84 @@
+"""The model repository: every ``<models_dir>/<name>/model.onnx``, loaded, validated and batched."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from serving.backends.onnxruntime import OnnxRuntimeBackend
+from serving.batcher import DynamicBatcher
+from serving.config import ServerSettings
+from serving.errors import ModelLoadError, ModelNotFound
+from serving.metadata import ModelMetadata
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServedModel:
+    metadata: ModelMetadata
+    path: Path
+    backend_name: str
+    batcher: DynamicBatcher
+
+
+class ModelRepository:
+    def __init__(self, models: dict[str, ServedModel], default: str) -> None:
+        if default not in models:
+            raise ModelNotFound(f"default model {default!r} is not among {sorted(models)}")
+        self.models = models
+        self.default = default
+
+    @classmethod
+    def load(cls, settings: ServerSettings) -> ModelRepository:
+        """Load every model or none: a bad model stops start-up with a message naming it."""
+        root = settings.models_dir
+        paths = sorted(root.glob("*/model.onnx")) if root.is_dir() else []
+        if not paths:
+            raise ModelLoadError(
+                f"no models in {root} (expected {root}/<name>/model.onnx); "
+                "export one with `rarechange export` or set RARECHANGE_MODELS_DIR"
+            )
+        models: dict[str, ServedModel] = {}
+        for path in paths:
+            backends = [
+                OnnxRuntimeBackend(path, intra_op_threads=settings.intra_op_threads)
+                for _ in range(settings.instances)
+            ]
+            meta = backends[0].metadata
+            if meta.name in models:
+                raise ModelLoadError(
+                    f"two models are named {meta.name!r}: {models[meta.name].path} and {path}"
+                )
+            batcher = DynamicBatcher(
+                [b.infer for b in backends],
+                max_batch_size=settings.max_batch_size,
+                max_queue_delay_us=settings.max_queue_delay_us,
+                max_queue_size=max(settings.max_queue_size, settings.max_batch_size),
+                name=meta.name,
+            )
+            models[meta.name] = ServedModel(meta, path, backends[0].name, batcher)
+            log.info("loaded model %s %s from %s", meta.name, meta.version, path)
+        default = settings.default_model or sorted(models)[0]
+        return cls(models, default)
+
+    def get(self, name: str = "", version: str = "") -> ServedModel:
+        model = self.models.get(name or self.default)
+        if model is None:
+            raise ModelNotFound(f"no model named {name!r}; this server has {sorted(self.models)}")
+        if version and version != model.metadata.version:
+            raise ModelNotFound(
+                f"model {model.metadata.name!r} is served at version {model.metadata.version!r}, "
+                f"not {version!r}"
+            )
+        return model
+
+    def start(self) -> ModelRepository:
+        for m in self.models.values():
+            m.batcher.start()
+        return self
+
+    def stop(self) -> None:
+        for m in self.models.values():
+            m.batcher.stop()

@@ -1,0 +1,46 @@
+"""PNG encoding of maps and masks, and the before | after | mask overlay people look at."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image
+
+
+def encode_png(array: np.ndarray) -> bytes:
+    """(H, W) or (H, W, 3) uint8 -> PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", optimize=False)
+    return buf.getvalue()
+
+
+def probability_to_uint8(probability: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(probability * 255.0), 0, 255).astype(np.uint8)
+
+
+def to_display(image: np.ndarray) -> np.ndarray:
+    """Any (H, W, C) image -> (H, W, 3) uint8 for viewing: first three bands, 2-98 % stretch."""
+    img = image[..., :3] if image.shape[2] >= 3 else np.repeat(image[..., :1], 3, axis=2)
+    if img.dtype == np.uint8:
+        return np.ascontiguousarray(img)
+    img = img.astype(np.float32)
+    lo, hi = np.percentile(img, [2, 98])
+    return np.clip((img - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8)
+
+
+def overlay(before: np.ndarray, after: np.ndarray, mask: np.ndarray, gap: int = 8) -> np.ndarray:
+    """before | after | after with the mask in red, side by side: (H, 3W + 2 gap, 3) uint8."""
+    b, a = to_display(before), to_display(after)
+    tinted = a.astype(np.float32)
+    red = np.array([255, 0, 0], np.float32)
+    tinted[mask] = 0.45 * tinted[mask] + 0.55 * red
+    edge = mask & ~_erode(mask)
+    tinted[edge] = red
+    spacer = np.full((a.shape[0], gap, 3), 255, np.uint8)
+    return np.concatenate([b, spacer, a, spacer, tinted.astype(np.uint8)], axis=1)
+
+
+def _erode(mask: np.ndarray) -> np.ndarray:
+    m = np.pad(mask, 1, mode="edge")
+    return m[1:-1, 1:-1] & m[:-2, 1:-1] & m[2:, 1:-1] & m[1:-1, :-2] & m[1:-1, 2:]

@@ -1,0 +1,344 @@
+"""Two-stage training: pre-train the disentangled VAE on unchanged pairs, then fine-tune encoder +
+classifier on negatives and the few positives. Produces a self-describing checkpoint.
+
+Stage 1 (pre-training) sees negatives only: reconstruction + KL of both dates, a similarity loss
+between the two common posteriors, and an activation loss that keeps the common features from
+collapsing to the prior. Stage 2 (fine-tuning) trains C(mu_c_A, mu_c_B) with binary cross-entropy on
+balanced batches (half positives, resampled with replacement: the positives are few), with the
+encoder at a smaller learning rate so that it is adapted, not overwritten, by a few dozen labels.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from serving import tiling
+from serving.quality import auroc, best_threshold, binary_scores
+from training import losses
+from training.data import PatchSet
+from training.model import ChangeDetector, DisentangledVAE, ModelConfig, bce_change_loss
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "rarechange-checkpoint/1"
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    batch_size: int = 64
+    # stage 1
+    pretrain_steps: int = 400
+    pretrain_lr: float = 1e-3
+    beta: float = 1.0  # weight of the KL terms
+    similarity: losses.Similarity = "jeffrey"
+    similarity_weight: float = 1.0
+    activation: losses.Activation = "spread"
+    activation_weight: float = 25.0
+    sparsity_target: float = 0.05
+    # stage 2
+    finetune_steps: int = 400
+    finetune_lr: float = 1e-3
+    encoder_lr_scale: float = 0.1  # encoder lr = finetune_lr * this; 0 freezes the encoder
+    positive_fraction: float = 0.25  # a patch is positive when at least this much of it changed
+    max_positives: int | None = None  # the label budget: keep only this many positive patches
+    val_fraction: float = 0.2
+
+
+@dataclass
+class DataInfo:
+    """What the model was trained on; goes into the checkpoint, then the ONNX metadata."""
+
+    name: str
+    licence: str
+    description: str = ""
+    band_names: tuple[str, ...] = ("red", "green", "blue")
+
+
+@dataclass
+class RunResult:
+    checkpoint: Path
+    metrics: dict[str, float]
+    threshold: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+
+def to_unit(x: np.ndarray) -> torch.Tensor:
+    """uint8 patches -> float in [0, 1]: the same scaling the exported graph applies."""
+    return torch.from_numpy(x).float().div_(255.0)
+
+
+def pretrain(
+    vae: DisentangledVAE,
+    negatives: PatchSet,
+    cfg: TrainConfig,
+    progress: bool = True,
+    on_step: Callable[[int, dict[str, float]], None] | None = None,
+) -> list[dict[str, float]]:
+    """Stage 1 on unchanged pairs only; returns the loss history (one row per logged step)."""
+    gen = np.random.default_rng(cfg.seed)
+    opt = torch.optim.Adam(vae.parameters(), lr=cfg.pretrain_lr)
+    likelihood = vae.cfg.likelihood
+    history = []
+    vae.train()
+    for step in tqdm(range(cfg.pretrain_steps), desc="pre-train", disable=not progress):
+        idx = gen.integers(0, len(negatives), cfg.batch_size)
+        x_a, x_b = to_unit(negatives.before[idx]), to_unit(negatives.after[idx])
+        q_a, rec_a = vae(x_a)
+        q_b, rec_b = vae(x_b)
+        recon = losses.reconstruction_nll(rec_a, x_a, likelihood) + losses.reconstruction_nll(
+            rec_b, x_b, likelihood
+        )
+        kl = sum(
+            losses.kl_to_standard_normal(mu, lv)
+            for q in (q_a, q_b)
+            for mu, lv in ((q.mu_c, q.logvar_c), (q.mu_s, q.logvar_s))
+        )
+        sim = losses.similarity_loss(cfg.similarity, q_a.mu_c, q_a.logvar_c, q_b.mu_c, q_b.logvar_c)
+        act = losses.activation_loss(
+            cfg.activation, torch.cat([q_a.mu_c, q_b.mu_c]), cfg.sparsity_target
+        )
+        loss = (recon + cfg.beta * kl + cfg.similarity_weight * sim).mean()
+        loss = loss + cfg.activation_weight * act
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0 or step == cfg.pretrain_steps - 1:
+            row = {
+                "step": step,
+                "loss": loss.item(),
+                "recon": recon.mean().item(),
+                "kl": kl.mean().item(),
+                "similarity": sim.mean().item(),
+                "activation": act.item(),
+            }
+            history.append(row)
+            if on_step:
+                on_step(step, row)
+    return history
+
+
+def finetune(
+    detector: ChangeDetector,
+    negatives: PatchSet,
+    positives: PatchSet,
+    cfg: TrainConfig,
+    progress: bool = True,
+) -> list[dict[str, float]]:
+    """Stage 2: balanced batches (half positives, resampled), BCE, smaller encoder lr."""
+    if len(positives) == 0 or len(negatives) == 0:
+        raise ValueError("fine-tuning needs at least one positive and one negative patch pair")
+    gen = np.random.default_rng(cfg.seed + 1)
+    groups = [{"params": detector.classifier.parameters(), "lr": cfg.finetune_lr}]
+    if cfg.encoder_lr_scale > 0:
+        groups.append(
+            {"params": detector.encoder.parameters(), "lr": cfg.finetune_lr * cfg.encoder_lr_scale}
+        )
+    else:
+        detector.encoder.requires_grad_(False)
+    opt = torch.optim.Adam(groups)
+    half = cfg.batch_size // 2
+    history = []
+    detector.train()
+    for step in tqdm(range(cfg.finetune_steps), desc="fine-tune", disable=not progress):
+        ip = gen.integers(0, len(positives), half)
+        ineg = gen.integers(0, len(negatives), half)
+        before = np.concatenate([positives.before[ip], negatives.before[ineg]])
+        after = np.concatenate([positives.after[ip], negatives.after[ineg]])
+        y = torch.cat([torch.ones(half), torch.zeros(half)])
+        # either date may come first at serving time: swap half of the pairs
+        swap = torch.from_numpy(gen.random(2 * half) < 0.5)
+        x_a, x_b = to_unit(before), to_unit(after)
+        x_a, x_b = (
+            torch.where(swap[:, None, None, None], x_b, x_a),
+            torch.where(swap[:, None, None, None], x_a, x_b),
+        )
+        loss = bce_change_loss(detector.logits(x_a, x_b), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % 20 == 0 or step == cfg.finetune_steps - 1:
+            history.append({"step": step, "bce": loss.item()})
+    detector.encoder.requires_grad_(True)
+    return history
+
+
+@torch.no_grad()
+def predict(detector: ChangeDetector, patches: PatchSet, batch: int = 512) -> np.ndarray:
+    detector.eval()
+    out = [
+        detector(to_unit(patches.before[i : i + batch]), to_unit(patches.after[i : i + batch]))
+        for i in range(0, len(patches), batch)
+    ]
+    return torch.cat(out).numpy() if out else np.zeros(0, np.float32)
+
+
+def probability_map(
+    detector: ChangeDetector, before: np.ndarray, after: np.ndarray, stride: int
+) -> np.ndarray:
+    """The serving path's tiling and stitching around the PyTorch model: (H, W) probabilities."""
+    p = detector.cfg.patch_size
+    tiles = tiling.grid(before.shape[0], before.shape[1], p, stride)
+    b, a = tiling.extract_patches(before, after, tiles, p, stride)
+    probs = predict(detector, PatchSet(b, a, np.zeros(len(b), np.float32)))
+    return tiling.stitch(probs, tiles, before.shape[0], before.shape[1], p)
+
+
+def pixel_threshold(
+    detector: ChangeDetector, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], stride: int
+) -> tuple[float, dict[str, float]]:
+    """Choose the mask threshold on whole validation scenes, where the mask is actually made.
+
+    The served mask thresholds the blended map, not single patches, so the threshold is chosen
+    (max pixel F1) and reported on stitched maps of held-out scenes.
+    """
+    maps = [probability_map(detector, b, a, stride) for b, a, _ in pairs]
+    scores = np.concatenate([m.ravel() for m in maps])
+    truth = np.concatenate([m.ravel() > 0 for _, _, m in pairs])
+    threshold = best_threshold(scores, truth)
+    metrics = {f"pixel_{k}": v for k, v in binary_scores(scores >= threshold, truth).items()}
+    metrics["pixel_auroc"] = auroc(scores, truth)
+    return threshold, metrics
+
+
+def split_validation(patches: PatchSet, fraction: float, seed: int) -> tuple[PatchSet, PatchSet]:
+    order = np.random.default_rng(seed).permutation(len(patches))
+    n_val = round(len(patches) * fraction)
+    return patches.select(np.sort(order[n_val:])), patches.select(np.sort(order[:n_val]))
+
+
+def evaluate_patches(
+    detector: ChangeDetector, patches: PatchSet, positive_fraction: float, threshold: float
+) -> dict[str, float]:
+    """Patch-level metrics on unambiguous patches (none changed, or at least positive_fraction)."""
+    neg, pos = patches.split(positive_fraction)
+    both = PatchSet.concat([neg, pos])
+    labels = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
+    scores = predict(detector, both)
+    out = binary_scores(scores >= threshold, labels)
+    out["auroc"] = auroc(scores, labels)
+    out["n_negative"], out["n_positive"] = float(len(neg)), float(len(pos))
+    return out
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    """Write to a temporary name, then rename: a killed run never leaves half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    payload = torch.load(path, map_location="cpu", weights_only=False)
+    if payload.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(
+            f"{path} is not a rarechange checkpoint (format {payload.get('format')!r})"
+        )
+    return payload
+
+
+def detector_from_checkpoint(payload: dict[str, Any]) -> ChangeDetector:
+    """The architecture comes from the checkpoint itself, never from a second copy of the config."""
+    detector = ChangeDetector(ModelConfig(**payload["model_config"]))
+    detector.load_state_dict(payload["detector_state"])
+    return detector.eval()
+
+
+def train(
+    train_patches: PatchSet,
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out_dir: Path,
+    data: DataInfo,
+    progress: bool = True,
+    validation_pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
+    stride: int | None = None,
+) -> RunResult:
+    """Both stages end to end; writes ``out_dir/checkpoint.pt`` and ``out_dir/metrics.json``.
+
+    With ``validation_pairs`` (before, after, mask) the decision threshold is chosen on their
+    stitched maps at ``stride``; without, on validation patches.
+    """
+    torch.manual_seed(cfg.seed)
+    t0 = time.perf_counter()
+    fit, val = split_validation(train_patches, cfg.val_fraction, cfg.seed)
+    negatives, positives = fit.split(cfg.positive_fraction)
+    if cfg.max_positives is not None and len(positives) > cfg.max_positives:
+        keep = np.random.default_rng(cfg.seed + 2).choice(len(positives), cfg.max_positives, False)
+        positives = positives.select(np.sort(keep))
+    log.info("training on %d negatives, %d positives", len(negatives), len(positives))
+
+    vae = DisentangledVAE(model_cfg)
+    pre_history = pretrain(vae, negatives, cfg, progress)
+    detector = ChangeDetector(model_cfg)
+    detector.encoder.load_state_dict(vae.encoder.state_dict())
+    fine_history = finetune(detector, negatives, positives, cfg, progress)
+
+    # the threshold is chosen on validation patches, never on the patches it was trained on
+    stride = stride or model_cfg.patch_size // 4
+    if validation_pairs:
+        threshold, pixel_metrics = pixel_threshold(detector, validation_pairs, stride)
+        method = f"max pixel F1 on {len(validation_pairs)} held-out scenes, stride {stride}"
+    else:
+        vneg, vpos = val.split(cfg.positive_fraction)
+        vscores = predict(detector, PatchSet.concat([vneg, vpos]))
+        threshold = best_threshold(vscores, np.r_[np.zeros(len(vneg)), np.ones(len(vpos))])
+        pixel_metrics, method = {}, "max F1 of the change class on the validation patches"
+    metrics = evaluate_patches(detector, val, cfg.positive_fraction, threshold)
+    metrics.update(pixel_metrics)
+    metrics["train_seconds"] = time.perf_counter() - t0
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "stage": "finetune",
+        "model_config": model_cfg.to_dict(),
+        "train_config": asdict(cfg),
+        "data": asdict(data),
+        "detector_state": detector.state_dict(),
+        "vae_state": vae.state_dict(),
+        "threshold": threshold,
+        "threshold_method": method,
+        "recommended_stride": stride,
+        "metrics": metrics,
+        "n_positives": len(positives),
+        "n_negatives": len(negatives),
+    }
+    checkpoint = out_dir / "checkpoint.pt"
+    save_checkpoint(checkpoint, payload)
+    history = [{"stage": "pretrain", **r} for r in pre_history]
+    history += [{"stage": "finetune", **r} for r in fine_history]
+    (out_dir / "metrics.json").write_text(
+        json.dumps({"metrics": metrics, "threshold": threshold, "history": history}, indent=1)
+    )
+    return RunResult(checkpoint, metrics, threshold, history)
+
+
+# Presets: named, complete configurations that the CLI and the Makefile refer to.
+PRESETS: dict[str, tuple[ModelConfig, TrainConfig, dict[str, Any]]] = {
+    # seconds on two cores: what the thin-path test and the bundled demo model use
+    "thin": (
+        ModelConfig(patch_size=32, widths=(16, 32), hidden=128, z_common=16, z_specific=8),
+        TrainConfig(pretrain_steps=300, finetune_steps=1500, encoder_lr_scale=1.0),
+        {"scenes": 60, "size": 256, "stride": 8, "val_scenes": 8},
+    ),
+}
+
+
+def preset(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+    model_cfg, train_cfg, data_kw = PRESETS[name]
+    known = {f for f in TrainConfig.__dataclass_fields__}
+    train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if k in known})
+    return model_cfg, train_cfg, dict(data_kw)
