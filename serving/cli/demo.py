@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def sample_pair() -> tuple[str, bytes, bytes, np.ndarray | None]:
     """A real SZTAKI AirChange pair when the shared data is there, else a generated one."""
+    import numpy as np
+
     from serving.config import shared_data_dir
 
     data = shared_data_dir()

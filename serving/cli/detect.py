@@ -4,15 +4,20 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
-import numpy as np
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def write_outputs(
     out: Path, before: np.ndarray, after: np.ndarray, result: object
 ) -> dict[str, Path]:
     """mask.png, probability.png and overlay.png (before | after | mask over after), atomically."""
+    import numpy as np
+
     from serving.pictures import encode_png, overlay, probability_to_uint8
 
     out.mkdir(parents=True, exist_ok=True)

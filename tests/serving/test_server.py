@@ -1,0 +1,200 @@
+"""A real gRPC server on localhost with the bundled model: the API, its outputs and its errors."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import grpc
+import numpy as np
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from PIL import Image
+
+from serving.api import change_detection_pb2 as pb
+from serving.client import ChangeDetectionClient, image_message
+from serving.pictures import encode_png
+from serving.server import SERVICE_NAME
+from serving.tiling import grid
+from training.synthetic import SceneConfig, render_pair
+
+
+@pytest.fixture(scope="module")
+def pair():
+    return render_pair(7, SceneConfig(height=200, width=300, n_changes=2))
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()
+
+
+@pytest.fixture
+def client(server):
+    with ChangeDetectionClient(server.address) as c:
+        yield c
+
+
+def test_health_reports_serving(server) -> None:
+    with grpc.insecure_channel(server.address) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for service in ("", SERVICE_NAME):
+            resp = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+            assert resp.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_list_and_get_models(client: ChangeDetectionClient) -> None:
+    models = client.list_models()
+    assert len(models) >= 1
+    default = [m for m in models if m.is_default]
+    assert len(default) == 1
+    info = client.stub.GetModel(pb.GetModelRequest(), timeout=5)
+    assert info.name == default[0].name
+    meta = json.loads(info.metadata_json)
+    assert meta["patch_size"] == info.patch_size and meta["weights_sha256"]
+    assert info.backend == "onnxruntime"
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.GetModel(pb.GetModelRequest(name="no-such-model"), timeout=5)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_detect_change_returns_every_output(client: ChangeDetectionClient, pair) -> None:
+    result = client.detect(encode_png(pair.before), encode_png(pair.after))
+    r = result.response
+    assert (r.height, r.width) == (200, 300)
+    assert r.model and r.model_version and r.request_id
+    assert result.probability.shape == (200, 300)
+    assert result.mask.shape == (200, 300)
+    assert len(r.tiles) == len(grid(200, 300, r.patch_size, r.stride))
+    for tile in r.tiles:
+        assert 0 <= tile.box.row < 200 and 0 <= tile.box.col < 300
+        assert 0.0 <= tile.probability <= 1.0
+    assert r.changed_fraction == pytest.approx(result.mask.mean(), abs=1e-6)
+    assert sum(reg.area_px for reg in r.regions) == result.mask.sum()
+    t = r.timings
+    assert t.total_ms >= t.inference_ms > 0 and t.decode_ms > 0 and t.stitch_ms > 0
+
+
+def test_raw_arrays_give_the_same_result_as_png(client: ChangeDetectionClient, pair) -> None:
+    encoded = client.detect(encode_png(pair.before), encode_png(pair.after))
+    raw = client.detect(pair.before, pair.after, encoding=pb.PROBABILITY_ENCODING_RAW_FLOAT16)
+    assert np.array_equal(encoded.mask, raw.mask)
+    # the mask is the map thresholded (away from float16 rounding at the threshold itself)
+    thr, p = raw.response.threshold, raw.probability
+    assert raw.mask[p >= thr + 1e-3].all() and not raw.mask[p < thr - 1e-3].any()
+    assert np.abs(encoded.probability - raw.probability).max() <= 1 / 255 + 1e-3
+
+
+def test_outputs_can_be_selected(client: ChangeDetectionClient, pair) -> None:
+    r = client.detect(pair.before, pair.after, outputs=[pb.OUTPUT_MASK]).response
+    assert r.mask_png and not r.tiles and not r.probability_map.data and not r.regions
+
+
+def test_options_stride_and_threshold(client: ChangeDetectionClient, pair) -> None:
+    r = client.detect(pair.before, pair.after, stride=16, threshold=1.0).response
+    assert r.stride == 16 and r.threshold == 1.0
+    assert len(r.tiles) == len(grid(200, 300, r.patch_size, 16))
+    everything = client.detect(pair.before, pair.after, threshold=0.0).response
+    assert everything.changed_fraction == 1.0
+
+
+def test_large_message_over_grpc_default_limit(client: ChangeDetectionClient) -> None:
+    big = render_pair(3, SceneConfig(height=1400, width=1400, n_changes=0))
+    request_bytes = big.before.nbytes + big.after.nbytes
+    assert request_bytes > 4 * 1024 * 1024
+    r = client.detect(big.before, big.after, stride=32, outputs=[pb.OUTPUT_MASK]).response
+    assert (r.height, r.width) == (1400, 1400)
+
+
+def test_stream_equals_unary(client: ChangeDetectionClient, pair) -> None:
+    before, after = encode_png(pair.before), encode_png(pair.after)
+    unary = client.detect(before, after).response
+
+    def chunks():
+        yield pb.DetectChangeChunk(
+            header=pb.StreamHeader(
+                before=pb.ImageDescriptor(encoded=True, size_bytes=len(before)),
+                after=pb.ImageDescriptor(encoded=True, size_bytes=len(after)),
+                request_id="stream-1",
+            )
+        )
+        for i in range(0, max(len(before), len(after)), 1000):
+            if i < len(before):
+                yield pb.DetectChangeChunk(before_chunk=before[i : i + 1000])
+            if i < len(after):
+                yield pb.DetectChangeChunk(after_chunk=after[i : i + 1000])
+
+    streamed = client.stub.DetectChangeStream(chunks(), timeout=30)
+    assert streamed.request_id == "stream-1"
+    assert streamed.mask_png == unary.mask_png
+    assert streamed.probability_map.data == unary.probability_map.data
+
+
+def _grey_png(h: int, w: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.zeros((h, w), np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize(
+    ("before", "after", "options", "code"),
+    [
+        ("png", "smaller", {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("grey", "grey", {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("garbage", "png", {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("empty", "png", {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("uint16", "uint16", {}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("png", "png", {"model": "nope"}, grpc.StatusCode.NOT_FOUND),
+        ("png", "png", {"model_version": "0.0.0-nope"}, grpc.StatusCode.NOT_FOUND),
+        ("png", "png", {"stride": 1000}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("png", "png", {"threshold": 1.5}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("png", "png", {"outputs": [99]}, grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_bad_requests_get_clear_status(client, pair, before, after, options, code) -> None:
+    images = {
+        "png": image_message(encode_png(pair.before)),
+        "smaller": image_message(encode_png(pair.after[:-3])),
+        "grey": image_message(_grey_png(64, 64)),
+        "garbage": pb.Image(encoded=b"\x89PNG not really"),
+        "empty": pb.Image(),
+        "uint16": image_message(pair.before.astype(np.uint16)),
+    }
+    request = pb.DetectChangeRequest(
+        before=images[before], after=images[after], options=pb.DetectOptions(**options)
+    )
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.DetectChange(request, timeout=30)
+    assert err.value.code() == code
+    assert err.value.details()  # a message that says what was wrong
+
+
+def test_pixel_limit_rejects_before_decoding(start_server, pair) -> None:
+    server = start_server(max_pixels=100 * 100)
+    with ChangeDetectionClient(server.address) as client, pytest.raises(grpc.RpcError) as err:
+        client.detect(encode_png(pair.before), encode_png(pair.after))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "pixels" in err.value.details()
+
+
+def test_stream_without_header_is_invalid(client) -> None:
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.DetectChangeStream(iter([pb.DetectChangeChunk(before_chunk=b"x")]), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_stream_size_mismatch_is_invalid(client, pair) -> None:
+    before = encode_png(pair.before)
+    header = pb.StreamHeader(
+        before=pb.ImageDescriptor(encoded=True, size_bytes=len(before) + 5),
+        after=pb.ImageDescriptor(encoded=True, size_bytes=len(before)),
+    )
+    msgs = [
+        pb.DetectChangeChunk(header=header),
+        pb.DetectChangeChunk(before_chunk=before),
+        pb.DetectChangeChunk(after_chunk=before),
+    ]
+    with pytest.raises(grpc.RpcError) as err:
+        client.stub.DetectChangeStream(iter(msgs), timeout=10)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "declared" in err.value.details()

@@ -1,0 +1,134 @@
+"""The one console script: every subcommand has help, heavy imports wait for the subcommand."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from serving import __version__
+from serving.cli.main import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBCOMMANDS = ("train", "export", "serve", "detect", "score", "evaluate", "demo")
+
+
+def test_help_lists_every_subcommand() -> None:
+    result = CliRunner().invoke(cli, ["--help"])
+    assert result.exit_code == 0
+    for name in SUBCOMMANDS:
+        assert name in result.output
+
+
+@pytest.mark.parametrize("name", SUBCOMMANDS)
+def test_subcommand_help(name: str) -> None:
+    result = CliRunner().invoke(cli, [name, "--help"])
+    assert result.exit_code == 0, result.output
+    assert "Usage: " in result.output
+
+
+def test_version() -> None:
+    result = CliRunner().invoke(cli, ["--version"])
+    assert result.exit_code == 0 and __version__ in result.output
+
+
+def test_help_imports_nothing_heavy() -> None:
+    code = (
+        "import sys; from serving.cli.main import cli; "
+        "heavy = [m for m in ('torch', 'onnxruntime', 'grpc', 'rasterio', 'numpy', 'onnx') "
+        "if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_unavailable_subcommands_fail_clearly(tmp_path: Path) -> None:
+    tif = tmp_path / "a.tif"
+    tif.write_bytes(b"x")
+    result = CliRunner().invoke(cli, ["score", str(tif), str(tif), "--out", str(tmp_path / "o")])
+    assert result.exit_code == 1 and "not available" in result.output
+
+
+def test_serve_refuses_an_empty_models_dir(tmp_path: Path) -> None:
+    result = CliRunner().invoke(cli, ["serve", "--models-dir", str(tmp_path), "--port", "0"])
+    assert result.exit_code == 1
+    assert "no models" in result.output
+
+
+@pytest.mark.slow
+def test_train_export_serve_detect_from_the_command_line(tmp_path: Path) -> None:
+    """The CLI path a user takes: train (briefly), export, serve in a process, detect."""
+    pytest.importorskip("torch")
+    from serving.pictures import encode_png
+    from training.synthetic import SceneConfig, render_pair
+
+    runner = CliRunner()
+    run = tmp_path / "run"
+    result = runner.invoke(
+        cli,
+        [
+            "train",
+            "--preset",
+            "thin",
+            "--out",
+            str(run),
+            "--pretrain-steps",
+            "5",
+            "--finetune-steps",
+            "5",
+            "--quiet",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert (run / "checkpoint.pt").is_file() and (run / "metrics.json").is_file()
+    models = tmp_path / "models"
+    result = runner.invoke(cli, ["export", str(run), "--out", str(models / "cli-model")])
+    assert result.exit_code == 0, result.output
+    assert (models / "cli-model" / "model.onnx").is_file()
+
+    pair = render_pair(11, SceneConfig(height=80, width=100))
+    (tmp_path / "b.png").write_bytes(encode_png(pair.before))
+    (tmp_path / "a.png").write_bytes(encode_png(pair.after))
+    with subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "serving.cli.main",
+            "serve",
+            "--models-dir",
+            str(models),
+            "--port",
+            "0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    ) as server:
+        try:
+            line = server.stdout.readline()
+            assert "serving on" in line, line + server.stderr.read()
+            address = line.strip().rsplit(" ", 1)[-1]
+            result = runner.invoke(
+                cli,
+                [
+                    "detect",
+                    str(tmp_path / "b.png"),
+                    str(tmp_path / "a.png"),
+                    "--address",
+                    address,
+                    "--out",
+                    str(tmp_path / "out"),
+                ],
+            )
+            assert result.exit_code == 0, result.output
+            for name in ("mask.png", "probability.png", "overlay.png"):
+                assert (tmp_path / "out" / name).stat().st_size > 0
+        finally:
+            server.terminate()
+            # SIGTERM drains and exits cleanly
+            assert server.wait(timeout=30) == 0
