@@ -246,8 +246,8 @@ def write_model_card(
 |---|---|
 {metrics}
 """
-    path = out_dir / "MODEL_CARD.md"
-    tmp = path.with_suffix(".md.tmp")
+    path = out_dir / "README.md"
+    tmp = path.with_name(".README.md.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
     return path

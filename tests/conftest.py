@@ -1,4 +1,4 @@
-"""Shared fixtures: real servers on free localhost ports, the bundled model, a freshly trained one."""
+"""Shared fixtures: real servers on free localhost ports, the bundled model, a trained one."""
 
 from __future__ import annotations
 

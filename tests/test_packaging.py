@@ -52,7 +52,7 @@ def test_extras() -> None:
 
 
 def test_serving_serves_with_torch_unimportable() -> None:
-    """Start the real server on the bundled model and detect, in a process where torch cannot load."""
+    """Start the real server on the bundled model and detect, where torch cannot be imported."""
     script = textwrap.dedent(
         """
         import sys

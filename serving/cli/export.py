@@ -13,7 +13,7 @@ import click
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Model folder, e.g. models/NAME: model.onnx and MODEL_CARD.md.",
+    help="Model folder, e.g. models/NAME: model.onnx and README.md.",
 )
 @click.option("--name", default=None, help="Model name (default: the --out folder's name).")
 @click.option("--version", "model_version", default="0.1.0", show_default=True)
@@ -37,7 +37,11 @@ def export(
         raise click.BadParameter(f"{checkpoint} does not exist", param_hint="RUN_OR_CHECKPOINT")
     try:
         result = export_checkpoint(
-            checkpoint, out, name=name or out.name, version=model_version, description=description
+            checkpoint,
+            out,
+            name=name or out.name,
+            version=model_version,
+            description=" ".join(description.split()),
         )
     except (ExportError, ValidationError, ValueError) as exc:
         raise click.ClickException(f"export failed: {exc}") from exc
