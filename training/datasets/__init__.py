@@ -1,0 +1,1 @@
+"""Datasets: each one file; each yields labelled image pairs."""
