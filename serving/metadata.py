@@ -12,6 +12,7 @@ from datetime import datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_core import PydanticCustomError
 
 from serving.errors import ModelLoadError
 
@@ -19,6 +20,11 @@ SCHEMA_VERSION = 1
 KEY_PREFIX = "rarechange."
 INPUT_NAMES = ("before", "after")
 OUTPUT_NAME = "probability"
+
+
+def _field_error(field: str, message: str) -> PydanticCustomError:
+    """A cross-field error that still names its field, so that load errors can say which."""
+    return PydanticCustomError("field", "{field}: {message}", {"field": field, "message": message})
 
 
 class TrainingData(BaseModel):
@@ -59,17 +65,17 @@ class ModelMetadata(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> ModelMetadata:
         if len(self.band_names) != self.channels:
-            raise ValueError(
-                f"band_names has {len(self.band_names)} names for {self.channels} channels"
+            raise _field_error(
+                "band_names", f"{len(self.band_names)} names for {self.channels} channels"
             )
         if self.recommended_stride > self.patch_size:
-            raise ValueError(
-                "recommended_stride must not exceed patch_size (pixels would be missed)"
+            raise _field_error(
+                "recommended_stride", "must not exceed patch_size (pixels would be missed)"
             )
         lo, hi = self.input_range
         if not lo < hi:
-            raise ValueError(
-                f"input_range must be (min, max) with min < max, got {self.input_range}"
+            raise _field_error(
+                "input_range", f"must be (min, max) with min < max, got ({lo}, {hi})"
             )
         return self
 
@@ -99,7 +105,9 @@ class ModelMetadata(BaseModel):
             return cls.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
-            field = ".".join(str(p) for p in first["loc"]) or "(model)"
+            field = ".".join(str(p) for p in first["loc"]) or first.get("ctx", {}).get(
+                "field", "(model)"
+            )
             raise ModelLoadError(
                 f"{source}: invalid metadata field {field!r}: {first['msg']} "
                 f"({exc.error_count()} problem(s) in all); re-export the model"

@@ -27,6 +27,8 @@ def reconstruction_nll(
             nll = F.binary_cross_entropy_with_logits(logits, x, reduction="none")
         case "gaussian":
             nll = (torch.sigmoid(logits) - x) ** 2 / (2 * GAUSSIAN_SIGMA**2)
+        case _:
+            raise ValueError(f"unknown likelihood {likelihood!r}")
     return nll.flatten(1).sum(1)
 
 

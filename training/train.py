@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
@@ -241,11 +242,13 @@ def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
-    payload = torch.load(path, map_location="cpu", weights_only=False)
-    if payload.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(
-            f"{path} is not a rarechange checkpoint (format {payload.get('format')!r})"
-        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=False)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as exc:
+        raise ValueError(f"{path} is not a rarechange checkpoint (unreadable: {exc})") from exc
+    fmt = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+    if fmt != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a rarechange checkpoint (format {fmt!r})")
     return payload
 
 
@@ -339,6 +342,8 @@ def preset(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig, dict[
     if name not in PRESETS:
         raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     model_cfg, train_cfg, data_kw = PRESETS[name]
-    known = {f for f in TrainConfig.__dataclass_fields__}
-    train_cfg = replace(train_cfg, **{k: v for k, v in overrides.items() if k in known})
+    unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
+    if unknown:
+        raise TypeError(f"unknown training settings {sorted(unknown)}")
+    train_cfg = replace(train_cfg, **overrides)
     return model_cfg, train_cfg, dict(data_kw)

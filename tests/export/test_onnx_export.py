@@ -1,0 +1,188 @@
+"""Checkpoint -> ONNX: graph signature, metadata, parity, and how the file is written."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export import onnx_export
+from export.onnx_export import (
+    PARITY_TOLERANCE,
+    ExportError,
+    ExportResult,
+    RawInputDetector,
+    check_parity,
+    export_checkpoint,
+    parity_inputs,
+    weights_sha256,
+)
+from serving.metadata import ModelMetadata
+from training.data import PatchSet, synthetic_patches
+from training.model import ModelConfig
+from training.train import DataInfo, TrainConfig, detector_from_checkpoint, load_checkpoint, train
+
+MODEL = ModelConfig(
+    patch_size=32, widths=(8, 16), hidden=32, z_common=4, z_specific=3, classifier_hidden=8
+)
+
+
+@pytest.fixture(scope="module")
+def patches() -> PatchSet:
+    return synthetic_patches(range(4), patch=32, stride=16, size=128)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(patches: PatchSet, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    cfg = TrainConfig(batch_size=8, pretrain_steps=3, finetune_steps=3)
+    data = DataInfo(name="tiny synthetic", licence="Apache-2.0")
+    out = tmp_path_factory.mktemp("run")
+    return train(patches, MODEL, cfg, out, data, progress=False).checkpoint
+
+
+def real_pairs(patches: PatchSet) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(patches.before[:16], patches.after[:16]), (patches.before[-3:], patches.after[-3:])]
+
+
+@pytest.fixture(scope="module")
+def exported(
+    checkpoint: Path, patches: PatchSet, tmp_path_factory: pytest.TempPathFactory
+) -> ExportResult:
+    out = tmp_path_factory.mktemp("models") / "tiny"
+    return export_checkpoint(
+        checkpoint, out, name="tiny", version="0.0.1", real_inputs=real_pairs(patches)
+    )
+
+
+@pytest.fixture(scope="module")
+def session(exported: ExportResult) -> ort.InferenceSession:
+    return ort.InferenceSession(str(exported.path), providers=["CPUExecutionProvider"])
+
+
+def wrapper_of(checkpoint: Path) -> RawInputDetector:
+    detector = detector_from_checkpoint(load_checkpoint(checkpoint))
+    return RawInputDetector(detector, offset=0.0, scale=1.0 / 255.0).eval()
+
+
+def test_writes_model_and_card(exported: ExportResult) -> None:
+    out = exported.path.parent
+    assert exported.path == out / "model.onnx"
+    # the model card is README.md beside the model (docs/architecture.md, serving/cli/export.py)
+    assert sorted(os.listdir(out)) == ["README.md", "model.onnx"]  # nothing *.tmp left behind
+    card = (out / "README.md").read_text()
+    assert "# Model card: tiny 0.0.1" in card
+    assert exported.metadata.weights_sha256 in card
+    onnx.checker.check_model(onnx.load(str(exported.path)))
+
+
+def test_signature(session: ort.InferenceSession) -> None:
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    assert [i.name for i in inputs] == ["before", "after"]
+    for i in inputs:
+        assert i.type == "tensor(uint8)"
+        assert isinstance(i.shape[0], str)  # symbolic batch axis
+        assert i.shape[1:] == [3, 32, 32]
+    assert [o.name for o in outputs] == ["probability"]
+    assert outputs[0].type == "tensor(float)"
+    assert len(outputs[0].shape) == 1 and isinstance(outputs[0].shape[0], str)
+
+
+@pytest.mark.parametrize("n", [1, 5])
+def test_dynamic_batch(session: ort.InferenceSession, n: int) -> None:
+    rng = np.random.default_rng(n)
+    before = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    after = rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8)
+    (prob,) = session.run(["probability"], {"before": before, "after": after})
+    assert prob.shape == (n,)
+    assert prob.dtype == np.float32
+    assert np.all((prob > 0) & (prob < 1))
+
+
+def test_metadata_matches_checkpoint(exported: ExportResult, checkpoint: Path) -> None:
+    model = onnx.load(str(exported.path))
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = ModelMetadata.from_props(props)
+    assert meta == exported.metadata
+    payload = load_checkpoint(checkpoint)
+    detector = detector_from_checkpoint(payload)
+    assert meta.name == "tiny" and meta.version == "0.0.1"
+    assert meta.patch_size == payload["model_config"]["patch_size"] == 32
+    assert meta.channels == payload["model_config"]["in_channels"] == 3
+    assert meta.band_names == ("red", "green", "blue")
+    assert meta.input_dtype == "uint8"
+    assert meta.scale == pytest.approx(1 / 255)
+    assert meta.recommended_stride == payload["recommended_stride"]
+    assert meta.default_threshold == pytest.approx(np.clip(payload["threshold"], 1e-4, 1 - 1e-4))
+    assert meta.threshold_method == payload["threshold_method"]
+    assert meta.training_data[0].name == payload["data"]["name"]
+    assert meta.weights_sha256 == weights_sha256(detector)
+    assert model.producer_name == "rarechange"
+
+
+def test_parity_on_random_and_real_patches(
+    exported: ExportResult, checkpoint: Path, patches: PatchSet
+) -> None:
+    assert 0.0 <= exported.parity_max_abs_diff <= PARITY_TOLERANCE
+    inputs = parity_inputs(3, 32, real_pairs(patches), seed=1)
+    assert len(inputs) == 5
+    worst = check_parity(wrapper_of(checkpoint), exported.path.read_bytes(), inputs)
+    assert worst <= 1e-5
+
+
+def test_parity_check_catches_a_different_model(exported: ExportResult, checkpoint: Path) -> None:
+    onnx_bytes = exported.path.read_bytes()
+    wrapper = wrapper_of(checkpoint)
+    with torch.no_grad():
+        wrapper.detector.classifier.net[-1].bias += 1.0  # changed after the bytes were made
+    with pytest.raises(ExportError, match="disagree"):
+        check_parity(wrapper, onnx_bytes, parity_inputs(3, 32, None))
+
+
+def test_decoder_is_not_in_the_graph(exported: ExportResult) -> None:
+    graph = onnx.load(str(exported.path)).graph
+    ops = {n.op_type for n in graph.node}
+    assert "Conv" in ops
+    assert "ConvTranspose" not in ops
+    assert not any("decoder" in i.name for i in graph.initializer)
+
+
+def test_weights_sha256_is_stable_and_sensitive(checkpoint: Path) -> None:
+    a = detector_from_checkpoint(load_checkpoint(checkpoint))
+    b = detector_from_checkpoint(load_checkpoint(checkpoint))
+    assert weights_sha256(a) == weights_sha256(b)
+    with torch.no_grad():
+        b.classifier.net[-1].bias += 1e-3
+    assert weights_sha256(a) != weights_sha256(b)
+
+
+def test_reexport_replaces_the_file_atomically(
+    exported: ExportResult, checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    out = tmp_path / "tiny"
+    shutil.copytree(exported.path.parent, out)  # a folder with a model already in it
+    old = (out / "model.onnx").read_bytes()
+    replaced: list[tuple[Path, Path]] = []
+    real_replace = os.replace
+
+    def spy(src: os.PathLike[str], dst: os.PathLike[str]) -> None:
+        # the target is never written in place: a complete temporary file is renamed onto it
+        assert Path(src).parent == Path(dst).parent
+        assert Path(src) != Path(dst)
+        assert Path(src).stat().st_size > 0
+        replaced.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(onnx_export.os, "replace", spy)
+    result = export_checkpoint(checkpoint, out, name="tiny", version="0.0.2")
+    assert (out / "model.onnx") in [dst for _, dst in replaced]
+    assert (out / "README.md") in [dst for _, dst in replaced]
+    assert sorted(os.listdir(out)) == ["README.md", "model.onnx"]  # no *.tmp left behind
+    assert result.path.read_bytes() != old
+    assert result.metadata.version == "0.0.2"
+    assert result.metadata.weights_sha256 == exported.metadata.weights_sha256
