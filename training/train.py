@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import pickle
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm import tqdm
 
 from serving import tiling
@@ -29,6 +31,7 @@ from serving.quality import auroc, best_threshold, binary_scores
 from training import losses
 from training.data import PatchSet
 from training.model import ChangeDetector, DisentangledVAE, ModelConfig, bce_change_loss
+from training.plots import plot_history
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +43,8 @@ class TrainConfig:
     seed: int = 0
     batch_size: int = 64
     # stage 1
-    pretrain_steps: int = 400
+    pretrain_epochs: float = 4.0  # passes over the negatives
+    pretrain_steps: int | None = None  # when set, exactly this many steps instead of epochs
     pretrain_lr: float = 1e-3
     beta: float = 1.0  # weight of the KL terms
     similarity: losses.Similarity = "jeffrey"
@@ -50,8 +54,11 @@ class TrainConfig:
     sparsity_target: float = 0.05
     # stage 2
     finetune_steps: int = 400
+    finetune_steps_per_epoch: int = 100  # fine-tuning has no natural epoch: checkpoint this often
     finetune_lr: float = 1e-3
     encoder_lr_scale: float = 0.1  # encoder lr = finetune_lr * this; 0 freezes the encoder
+    freeze_encoder_steps: int = 0  # classifier-only warm-up before the encoder learns
+    balance: Literal["balanced", "undersample"] = "balanced"
     positive_fraction: float = 0.25  # a patch is positive when at least this much of it changed
     max_positives: int | None = None  # the label budget: keep only this many positive patches
     val_fraction: float = 0.2
@@ -80,20 +87,109 @@ def to_unit(x: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(x).float().div_(255.0)
 
 
+class EpochCheckpoints:
+    """Per-epoch checkpoints of one stage, so that a killed run resumes where it stopped.
+
+    Every epoch draws its batches from a generator seeded by (seed, stage, epoch) and reseeds
+    torch the same way, so a resumed run takes exactly the steps an uninterrupted one would.
+    Metrics rows are appended to ``metrics.jsonl`` only when their epoch's checkpoint is written.
+    """
+
+    def __init__(self, run_dir: Path | None, stage: str) -> None:
+        self.path = run_dir / f"{stage}_last.pt" if run_dir else None
+        self.metrics = run_dir / "metrics.jsonl" if run_dir else None
+        self.stage = stage
+
+    def load(self, module: nn.Module, opt: torch.optim.Optimizer) -> tuple[int, list[dict]]:
+        """(epochs already done, their history); (0, []) when starting fresh."""
+        if self.path is None or not self.path.exists():
+            return 0, []
+        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        module.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        log.info("%s: resuming after epoch %d", self.stage, state["epoch"])
+        return state["epoch"], state["history"]
+
+    def save(
+        self,
+        module: nn.Module,
+        opt: torch.optim.Optimizer,
+        epoch: int,
+        history: list[dict],
+        rows: list[dict],
+    ) -> None:
+        if self.path is None:
+            return
+        payload = {
+            "model": module.state_dict(),
+            "optimizer": opt.state_dict(),
+            "epoch": epoch,
+            "history": history,
+        }
+        save_checkpoint(self.path, payload)
+        with self.metrics.open("a") as f:
+            for row in rows:
+                f.write(json.dumps({"stage": self.stage, **row}) + "\n")
+
+
+STAGE_CODES = {"pretrain": 1, "finetune": 2}
+
+
+def run_epochs(
+    stage: str,
+    module: nn.Module,
+    opt: torch.optim.Optimizer,
+    total_steps: int,
+    steps_per_epoch: int,
+    step_fn: Callable[[int, np.random.Generator], dict[str, float]],
+    seed: int,
+    run_dir: Path | None,
+    progress: bool,
+    log_every: int = 20,
+) -> list[dict[str, float]]:
+    """The loop both stages share: epochs of steps, deterministic per epoch, checkpointed."""
+    ckpt = EpochCheckpoints(run_dir, stage)
+    n_epochs = max(1, math.ceil(total_steps / steps_per_epoch)) if total_steps else 0
+    done, history = ckpt.load(module, opt)
+    module.train()
+    bar = tqdm(
+        total=total_steps,
+        initial=min(done * steps_per_epoch, total_steps),
+        desc=stage,
+        disable=not progress,
+    )
+    for epoch in range(done, n_epochs):
+        gen = np.random.default_rng([seed, STAGE_CODES[stage], epoch])
+        torch.manual_seed(seed * 1_000_003 + STAGE_CODES[stage] * 10_007 + epoch)
+        rows = []
+        first, last = epoch * steps_per_epoch, min((epoch + 1) * steps_per_epoch, total_steps)
+        for step in range(first, last):
+            row = step_fn(step, gen)
+            if step % log_every == 0 or step == total_steps - 1:
+                rows.append({"epoch": epoch, "step": step, **row})
+            bar.update(1)
+        history += rows
+        ckpt.save(module, opt, epoch + 1, history, rows)
+    bar.close()
+    return history
+
+
 def pretrain(
     vae: DisentangledVAE,
     negatives: PatchSet,
     cfg: TrainConfig,
     progress: bool = True,
-    on_step: Callable[[int, dict[str, float]], None] | None = None,
+    run_dir: Path | None = None,
 ) -> list[dict[str, float]]:
     """Stage 1 on unchanged pairs only; returns the loss history (one row per logged step)."""
-    gen = np.random.default_rng(cfg.seed)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.pretrain_lr)
     likelihood = vae.cfg.likelihood
-    history = []
-    vae.train()
-    for step in tqdm(range(cfg.pretrain_steps), desc="pre-train", disable=not progress):
+    steps_per_epoch = max(1, len(negatives) // cfg.batch_size)
+    total = cfg.pretrain_steps
+    if total is None:
+        total = round(cfg.pretrain_epochs * steps_per_epoch)
+
+    def step(_: int, gen: np.random.Generator) -> dict[str, float]:
         idx = gen.integers(0, len(negatives), cfg.batch_size)
         x_a, x_b = to_unit(negatives.before[idx]), to_unit(negatives.after[idx])
         q_a, rec_a = vae(x_a)
@@ -115,19 +211,17 @@ def pretrain(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 20 == 0 or step == cfg.pretrain_steps - 1:
-            row = {
-                "step": step,
-                "loss": loss.item(),
-                "recon": recon.mean().item(),
-                "kl": kl.mean().item(),
-                "similarity": sim.mean().item(),
-                "activation": act.item(),
-            }
-            history.append(row)
-            if on_step:
-                on_step(step, row)
-    return history
+        return {
+            "loss": loss.item(),
+            "recon": recon.mean().item(),
+            "kl": kl.mean().item(),
+            "similarity": sim.mean().item(),
+            "activation": act.item(),
+        }
+
+    return run_epochs(
+        "pretrain", vae, opt, total, steps_per_epoch, step, cfg.seed, run_dir, progress
+    )
 
 
 def finetune(
@@ -136,43 +230,65 @@ def finetune(
     positives: PatchSet,
     cfg: TrainConfig,
     progress: bool = True,
+    run_dir: Path | None = None,
 ) -> list[dict[str, float]]:
-    """Stage 2: balanced batches (half positives, resampled), BCE, smaller encoder lr."""
+    """Stage 2: BCE on [mu_c_A, mu_c_B] with the imbalance handled as ``cfg.balance`` says.
+
+    ``balanced``: every batch is half positives (resampled with replacement) and half negatives,
+    i.e. over-sampling; ``undersample``: batches drawn from all positives plus as many randomly
+    chosen negatives, i.e. under-sampling. The encoder learns at ``encoder_lr_scale`` times the
+    classifier's rate, frozen for the first ``freeze_encoder_steps`` steps (0 scale: frozen).
+    """
     if len(positives) == 0 or len(negatives) == 0:
         raise ValueError("fine-tuning needs at least one positive and one negative patch pair")
-    gen = np.random.default_rng(cfg.seed + 1)
-    groups = [{"params": detector.classifier.parameters(), "lr": cfg.finetune_lr}]
+    if cfg.balance == "undersample":
+        keep = np.random.default_rng([cfg.seed, 3]).choice(
+            len(negatives), min(len(negatives), len(positives)), replace=False
+        )
+        negatives = negatives.select(np.sort(keep))
+    groups = [{"params": list(detector.classifier.parameters()), "lr": cfg.finetune_lr}]
     if cfg.encoder_lr_scale > 0:
         groups.append(
-            {"params": detector.encoder.parameters(), "lr": cfg.finetune_lr * cfg.encoder_lr_scale}
+            {
+                "params": list(detector.encoder.parameters()),
+                "lr": cfg.finetune_lr * cfg.encoder_lr_scale,
+            }
         )
-    else:
-        detector.encoder.requires_grad_(False)
     opt = torch.optim.Adam(groups)
     half = cfg.batch_size // 2
-    history = []
-    detector.train()
-    for step in tqdm(range(cfg.finetune_steps), desc="fine-tune", disable=not progress):
+    steps_per_epoch = cfg.finetune_steps_per_epoch
+
+    def step(i: int, gen: np.random.Generator) -> dict[str, float]:
+        detector.encoder.requires_grad_(cfg.encoder_lr_scale > 0 and i >= cfg.freeze_encoder_steps)
         ip = gen.integers(0, len(positives), half)
         ineg = gen.integers(0, len(negatives), half)
         before = np.concatenate([positives.before[ip], negatives.before[ineg]])
         after = np.concatenate([positives.after[ip], negatives.after[ineg]])
         y = torch.cat([torch.ones(half), torch.zeros(half)])
         # either date may come first at serving time: swap half of the pairs
-        swap = torch.from_numpy(gen.random(2 * half) < 0.5)
+        swap = torch.from_numpy(gen.random(2 * half) < 0.5)[:, None, None, None]
         x_a, x_b = to_unit(before), to_unit(after)
-        x_a, x_b = (
-            torch.where(swap[:, None, None, None], x_b, x_a),
-            torch.where(swap[:, None, None, None], x_a, x_b),
-        )
+        x_a, x_b = torch.where(swap, x_b, x_a), torch.where(swap, x_a, x_b)
         loss = bce_change_loss(detector.logits(x_a, x_b), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if step % 20 == 0 or step == cfg.finetune_steps - 1:
-            history.append({"step": step, "bce": loss.item()})
-    detector.encoder.requires_grad_(True)
-    return history
+        return {"bce": loss.item()}
+
+    try:
+        return run_epochs(
+            "finetune",
+            detector,
+            opt,
+            cfg.finetune_steps,
+            steps_per_epoch,
+            step,
+            cfg.seed,
+            run_dir,
+            progress,
+        )
+    finally:
+        detector.encoder.requires_grad_(True)
 
 
 @torch.no_grad()
@@ -283,11 +399,12 @@ def train(
         positives = positives.select(np.sort(keep))
     log.info("training on %d negatives, %d positives", len(negatives), len(positives))
 
+    out_dir.mkdir(parents=True, exist_ok=True)
     vae = DisentangledVAE(model_cfg)
-    pre_history = pretrain(vae, negatives, cfg, progress)
+    pre_history = pretrain(vae, negatives, cfg, progress, run_dir=out_dir)
     detector = ChangeDetector(model_cfg)
     detector.encoder.load_state_dict(vae.encoder.state_dict())
-    fine_history = finetune(detector, negatives, positives, cfg, progress)
+    fine_history = finetune(detector, negatives, positives, cfg, progress, run_dir=out_dir)
 
     # the threshold is chosen on validation patches, never on the patches it was trained on
     stride = stride or model_cfg.patch_size // 4
@@ -324,6 +441,7 @@ def train(
     (out_dir / "metrics.json").write_text(
         json.dumps({"metrics": metrics, "threshold": threshold, "history": history}, indent=1)
     )
+    plot_history(history, out_dir / "loss_curves.png")
     return RunResult(checkpoint, metrics, threshold, history)
 
 

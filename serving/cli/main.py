@@ -10,6 +10,7 @@ from serving import __version__
 from serving.cli.demo import demo
 from serving.cli.detect import detect
 from serving.cli.evaluate import evaluate
+from serving.cli.experiment import experiment
 from serving.cli.export import export
 from serving.cli.score import score
 from serving.cli.serve import serve
@@ -29,7 +30,7 @@ def cli(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
-for command in (train, export, serve, detect, score, evaluate, demo):
+for command in (train, export, serve, detect, score, evaluate, demo, experiment):
     cli.add_command(command)
 
 if __name__ == "__main__":

@@ -59,7 +59,14 @@ def fit_positives(patches: PatchSet, cfg: TrainConfig) -> int:
 
 
 def test_train_writes_checkpoint_and_metrics(run: Path, payload: dict) -> None:
-    assert sorted(os.listdir(run)) == ["checkpoint.pt", "metrics.json"]  # no *.tmp left
+    assert sorted(os.listdir(run)) == [  # no *.tmp left
+        "checkpoint.pt",
+        "finetune_last.pt",
+        "loss_curves.png",
+        "metrics.json",
+        "metrics.jsonl",
+        "pretrain_last.pt",
+    ]
     doc = json.loads((run / "metrics.json").read_text())
     assert doc["threshold"] == payload["threshold"]
     assert 0.0 <= doc["threshold"] <= 1.0

@@ -1,0 +1,1 @@
+"""Experiment drivers: each reproduces one result of the paper, resumably, cell by cell."""
