@@ -1,13 +1,26 @@
-"""Complete training runs by name: data, preset and both stages, as the CLI runs them."""
+"""Complete runs from a RunConfig: load the data its `data` section names, train, evaluate."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from serving.quality import auroc
+from training.config import MnistData, RunConfig, SyntheticData, load_config
 from training.data import synthetic_patches
 from training.synthetic import SceneConfig, render_pair
-from training.train import DataInfo, RunResult, preset, train
+from training.train import (
+    DataInfo,
+    RunResult,
+    detector_from_checkpoint,
+    load_checkpoint,
+    predict,
+    train,
+)
+
+Stage = Literal["both", "pretrain", "finetune"]
 
 VALIDATION_SEED = 1_000_000  # validation scenes never share a seed with training scenes
 
@@ -20,29 +33,106 @@ SYNTHETIC_DATA = DataInfo(
         "and lots built or removed."
     ),
 )
+MNIST_DATA = DataInfo(
+    name="Augmented MNIST pairs from MNIST (LeCun and Cortes)",
+    licence="CC BY-SA 3.0 (MNIST); MNIST-B backgrounds: SZTAKI AirChange crops, scientific use",
+    description="Pairs of digits, rotated and/or on natural-texture backgrounds; changed = "
+    "different digit class.",
+    band_names=("grey",),
+)
+
+
+class ConfigMismatch(ValueError):
+    """The run folder holds a run made with another config; resuming it would mix the two."""
+
+
+def run(
+    config: RunConfig, out_dir: Path, stage: Stage = "both", progress: bool = True
+) -> RunResult | None:
+    """Train (or resume) the run described by ``config`` in ``out_dir``."""
+    remember_config(config, out_dir)
+    match config.data:
+        case SyntheticData():
+            return _synthetic(config, out_dir, stage, progress)
+        case MnistData():
+            return _mnist(config, out_dir, stage, progress)
+    raise ValueError(f"unknown data kind {config.data!r}")
+
+
+def remember_config(config: RunConfig, out_dir: Path) -> None:
+    """Write config.json, or check that a resumed run has the same one."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "config.json"
+    text = config.model_dump_json(indent=1)
+    if path.exists():
+        if json.loads(path.read_text()) != json.loads(text):
+            raise ConfigMismatch(
+                f"{out_dir} holds a run with another config ({path}); use a new --out folder"
+            )
+        return
+    tmp = path.with_name(".config.json.tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def train_synthetic(
-    preset_name: str, out_dir: Path, progress: bool = True, **overrides: Any
+    preset: str, out_dir: Path, progress: bool = True, **train_overrides: Any
 ) -> RunResult:
-    """Train on generated scene pairs; scene seeds 0.. are training, never the tests' seeds."""
-    model_cfg, train_cfg, data_kw = preset(preset_name, **overrides)
+    """A named synthetic preset, with training settings overridden (tests, the bundled model)."""
+    config = load_config(preset=preset)
+    config.train = replace(config.train, **train_overrides)
+    result = run(config, out_dir, progress=progress)
+    assert result is not None  # stage "both" always fine-tunes
+    return result
+
+
+def _synthetic(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> RunResult | None:
+    d = config.data
     patches = synthetic_patches(
-        range(data_kw["scenes"]),
-        patch=model_cfg.patch_size,
-        stride=data_kw["stride"],
-        size=data_kw["size"],
+        range(d.scenes),
+        patch=config.model.patch_size,
+        stride=d.stride,
+        size=d.size,
+        change_rate=d.change_rate,
+        nuisance_strength=d.nuisance_strength,
+        max_change_px=d.max_change_px,
     )
     # held-out scenes (other seeds, default nuisances and change rate) choose the mask threshold
-    scene = SceneConfig(height=data_kw["size"], width=data_kw["size"], change_rate=3.0)
-    validation = [render_pair(VALIDATION_SEED + i, scene) for i in range(data_kw["val_scenes"])]
+    scene = SceneConfig(height=d.size, width=d.size, change_rate=3.0)
+    validation = [render_pair(VALIDATION_SEED + i, scene) for i in range(d.val_scenes)]
     return train(
         patches,
-        model_cfg,
-        train_cfg,
+        config.model,
+        config.train,
         out_dir,
         SYNTHETIC_DATA,
         progress=progress,
         validation_pairs=[(p.before, p.after, p.mask) for p in validation],
-        stride=data_kw["stride"],
+        stride=d.stride,
+        stage=stage,
     )
+
+
+def _mnist(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> RunResult | None:
+    """The paper's protocol for one cell: all the budget's positives train; the test split tests."""
+    from training.datasets.augmented_mnist import make_pairs
+
+    d = config.data
+    seed = config.train.seed
+    pairs = make_pairs(d.variant, "train", d.n_negative, d.n_positive, seed).to_patchset()
+    cfg = replace(config.train, val_fraction=0.0, positive_fraction=0.5)
+    result = train(pairs, config.model, cfg, out_dir, MNIST_DATA, progress=progress, stage=stage)
+    if result is None:
+        return None
+    detector = detector_from_checkpoint(load_checkpoint(result.checkpoint))
+    test = make_pairs(d.variant, "test", d.n_test_per_class, d.n_test_per_class, 20190616)
+    p = predict(detector, test.to_patchset(), batch=2048)
+    y = test.label == 1
+    result.metrics.update(
+        test_accuracy=100.0 * float(((p >= 0.5) == y).mean()), test_auroc=100.0 * auroc(p, y)
+    )
+    metrics_path = out_dir / "metrics.json"
+    data = json.loads(metrics_path.read_text())
+    data["metrics"] = result.metrics
+    metrics_path.write_text(json.dumps(data, indent=1))
+    return result

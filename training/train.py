@@ -17,7 +17,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -384,11 +384,14 @@ def train(
     progress: bool = True,
     validation_pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     stride: int | None = None,
-) -> RunResult:
+    stage: Literal["both", "pretrain", "finetune"] = "both",
+) -> RunResult | None:
     """Both stages end to end; writes ``out_dir/checkpoint.pt`` and ``out_dir/metrics.json``.
 
     With ``validation_pairs`` (before, after, mask) the decision threshold is chosen on their
-    stitched maps at ``stride``; without, on validation patches.
+    stitched maps at ``stride``; without, on validation patches; with ``val_fraction`` 0 it is
+    0.5 (for balanced problems). ``stage="pretrain"`` stops after stage 1 (returns None);
+    ``stage="finetune"`` needs the finished stage 1 of the same run folder.
     """
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -400,8 +403,15 @@ def train(
     log.info("training on %d negatives, %d positives", len(negatives), len(positives))
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    if stage == "finetune" and not (out_dir / "pretrain_last.pt").exists():
+        raise FileNotFoundError(
+            f"{out_dir} has no pre-training checkpoint; run the pretrain stage first"
+        )
     vae = DisentangledVAE(model_cfg)
     pre_history = pretrain(vae, negatives, cfg, progress, run_dir=out_dir)
+    if stage == "pretrain":
+        plot_history([{"stage": "pretrain", **r} for r in pre_history], out_dir / "loss_curves.png")
+        return None
     detector = ChangeDetector(model_cfg)
     detector.encoder.load_state_dict(vae.encoder.state_dict())
     fine_history = finetune(detector, negatives, positives, cfg, progress, run_dir=out_dir)
@@ -411,12 +421,14 @@ def train(
     if validation_pairs:
         threshold, pixel_metrics = pixel_threshold(detector, validation_pairs, stride)
         method = f"max pixel F1 on {len(validation_pairs)} held-out scenes, stride {stride}"
+    elif len(val) == 0:
+        threshold, pixel_metrics, method = 0.5, {}, "fixed 0.5: balanced training batches"
     else:
         vneg, vpos = val.split(cfg.positive_fraction)
         vscores = predict(detector, PatchSet.concat([vneg, vpos]))
         threshold = best_threshold(vscores, np.r_[np.zeros(len(vneg)), np.ones(len(vpos))])
         pixel_metrics, method = {}, "max F1 of the change class on the validation patches"
-    metrics = evaluate_patches(detector, val, cfg.positive_fraction, threshold)
+    metrics = evaluate_patches(detector, val, cfg.positive_fraction, threshold) if len(val) else {}
     metrics.update(pixel_metrics)
     metrics["train_seconds"] = time.perf_counter() - t0
     payload = {
@@ -443,25 +455,3 @@ def train(
     )
     plot_history(history, out_dir / "loss_curves.png")
     return RunResult(checkpoint, metrics, threshold, history)
-
-
-# Presets: named, complete configurations that the CLI and the Makefile refer to.
-PRESETS: dict[str, tuple[ModelConfig, TrainConfig, dict[str, Any]]] = {
-    # seconds on two cores: what the thin-path test and the bundled demo model use
-    "thin": (
-        ModelConfig(patch_size=32, widths=(16, 32), hidden=128, z_common=16, z_specific=8),
-        TrainConfig(pretrain_steps=300, finetune_steps=1500, encoder_lr_scale=1.0),
-        {"scenes": 60, "size": 256, "stride": 8, "val_scenes": 8},
-    ),
-}
-
-
-def preset(name: str, **overrides: Any) -> tuple[ModelConfig, TrainConfig, dict[str, Any]]:
-    if name not in PRESETS:
-        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
-    model_cfg, train_cfg, data_kw = PRESETS[name]
-    unknown = set(overrides) - set(TrainConfig.__dataclass_fields__)
-    if unknown:
-        raise TypeError(f"unknown training settings {sorted(unknown)}")
-    train_cfg = replace(train_cfg, **overrides)
-    return model_cfg, train_cfg, dict(data_kw)

@@ -8,56 +8,79 @@ import click
 
 
 @click.command()
-@click.option("--preset", default="thin", show_default=True, help="Named configuration.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="A run config (TOML); see training/configs/.",
+)
+@click.option(
+    "--preset", default=None, help="A named config from training/configs/ (e.g. thin, mnist)."
+)
+@click.option(
+    "--set",
+    "overrides",
+    multiple=True,
+    metavar="SECTION.FIELD=VALUE",
+    help="Override one setting, e.g. --set train.pretrain_epochs=2 (repeatable).",
+)
 @click.option(
     "--out",
     type=click.Path(file_okay=False, path_type=Path),
     required=True,
-    help="Run folder: checkpoint.pt, metrics.json.",
+    help="Run folder: config.json, per-epoch checkpoints, checkpoint.pt, metrics.",
 )
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--pretrain-steps", type=int, default=None, help="Override the preset.")
-@click.option("--finetune-steps", type=int, default=None, help="Override the preset.")
 @click.option(
-    "--max-positives", type=int, default=None, help="Label budget: positive patches kept."
+    "--stage",
+    type=click.Choice(["both", "pretrain", "finetune"]),
+    default="both",
+    show_default=True,
+    help="Run both stages or one; finetune needs a finished pretrain.",
 )
+@click.option("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def train(
-    preset: str,
+    config_path: Path | None,
+    preset: str | None,
+    overrides: tuple[str, ...],
     out: Path,
-    seed: int,
-    pretrain_steps: int | None,
-    finetune_steps: int | None,
-    max_positives: int | None,
+    stage: str,
+    threads: int | None,
     quiet: bool,
 ) -> None:
     """Pre-train the disentangled VAE on unchanged pairs, then fine-tune the change classifier.
 
-    Data: procedurally generated aerial-like scene pairs (training/synthetic.py).
+    Re-running the same command resumes from the last finished epoch of the run folder.
     """
     try:
-        from training.recipes import train_synthetic
+        import torch
+
+        from training.config import ConfigError, load_config
+        from training.recipes import ConfigMismatch, run
     except ImportError as exc:
         raise click.ClickException(
             f"training needs the train extra: pip install 'rarechange[train]' ({exc})"
         ) from exc
-    overrides = {
-        k: v
-        for k, v in {
-            "seed": seed,
-            "pretrain_steps": pretrain_steps,
-            "finetune_steps": finetune_steps,
-            "max_positives": max_positives,
-        }.items()
-        if v is not None
-    }
+    if threads:
+        torch.set_num_threads(threads)
     try:
-        result = train_synthetic(preset, out, progress=not quiet, **overrides)
-    except KeyError as exc:
-        raise click.BadParameter(str(exc), param_hint="--preset") from exc
+        config = load_config(
+            config_path, overrides, preset=preset if preset or config_path else "thin"
+        )
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from exc
+    try:
+        result = run(config, out, stage=stage, progress=not quiet)
+    except (ConfigMismatch, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from exc
+    if result is None:
+        click.echo(f"pre-training done in {out}")
+        return
     m = result.metrics
-    click.echo(
-        f"wrote {result.checkpoint}: validation AUROC {m['auroc']:.3f}, balanced accuracy "
-        f"{m['balanced_accuracy']:.3f} at threshold {result.threshold:.3f} "
-        f"({m['train_seconds']:.0f} s)"
+    shown = ", ".join(
+        f"{k} {m[k]:.3f}"
+        for k in ("auroc", "f1", "pixel_f1", "test_accuracy", "test_auroc")
+        if k in m
     )
+    click.echo(f"wrote {result.checkpoint}: {shown}; threshold {result.threshold:.3f}")

@@ -17,14 +17,12 @@ from training.model import ChangeDetector, ModelConfig
 from training.synthetic import SceneConfig, plant_change, render_pair
 from training.train import (
     CHECKPOINT_FORMAT,
-    PRESETS,
     DataInfo,
     TrainConfig,
     detector_from_checkpoint,
     evaluate_patches,
     load_checkpoint,
     pixel_threshold,
-    preset,
     split_validation,
     train,
 )
@@ -201,24 +199,3 @@ def test_split_validation_partitions() -> None:
     assert together.tolist() == list(range(10))
     again = split_validation(ps, 0.3, seed=0)[1]
     assert np.array_equal(again.changed_fraction, val.changed_fraction)
-
-
-def test_preset_unknown_name() -> None:
-    with pytest.raises(KeyError, match="nope"):
-        preset("nope")
-
-
-def test_preset_overrides_applied() -> None:
-    before = PRESETS["thin"][1]
-    model_cfg, train_cfg, data_kw = preset(
-        "thin", pretrain_steps=7, finetune_steps=9, max_positives=5, seed=3
-    )
-    assert (train_cfg.pretrain_steps, train_cfg.finetune_steps) == (7, 9)
-    assert (train_cfg.max_positives, train_cfg.seed) == (5, 3)
-    assert model_cfg.patch_size == 32
-    assert {"scenes", "size", "stride", "val_scenes"} <= set(data_kw)
-    # the preset itself is untouched, and a fresh call gets the preset's values again
-    assert PRESETS["thin"][1] is before
-    assert preset("thin")[1].pretrain_steps == before.pretrain_steps != 7
-    data_kw["scenes"] = -1
-    assert preset("thin")[2]["scenes"] != -1
