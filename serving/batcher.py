@@ -224,7 +224,8 @@ class DynamicBatcher:
             except BaseException as exc:  # one exception reaches every caller in the batch
                 log.exception("inference failed for a batch of %d patches", len(before))
                 err = exc if isinstance(exc, RareChangeError) else RuntimeError("inference failed")
-                err.__cause__ = exc
+                if err is not exc:  # a RareChangeError passes through as is, not as its own cause
+                    err.__cause__ = exc
                 for job, _, _ in slices:
                     job.error = job.error or err
                     job.done.set()

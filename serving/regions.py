@@ -25,7 +25,7 @@ def find_regions(mask: np.ndarray, probability: np.ndarray, min_area_px: int = 0
     if count == 0:
         return []
     index = np.arange(1, count + 1)
-    areas = ndimage.sum_labels(mask, labels, index)
+    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]  # pixels, whatever mask holds
     maxima = ndimage.maximum(probability, labels, index)
     means = ndimage.mean(probability, labels, index)
     regions = []

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 
 @dataclass(frozen=True)
@@ -69,21 +70,48 @@ def extract_patches(
 ) -> tuple[np.ndarray, np.ndarray]:
     """(N, C, P, P) patches of both dates in tile order, contiguous, read from mirrored padding."""
     top, _, left, _ = padding(before.shape[0], before.shape[1], patch, stride)
+    rows = np.fromiter((t.row for t in tiles), np.intp, len(tiles)) + top
+    cols = np.fromiter((t.col for t in tiles), np.intp, len(tiles)) + left
     out = []
     for image in (before, after):
         padded = pad_image(image, patch, stride)
-        cut = np.empty((len(tiles), image.shape[2], patch, patch), image.dtype)
-        for i, t in enumerate(tiles):
-            r, c = t.row + top, t.col + left
-            cut[i] = padded[r : r + patch, c : c + patch].transpose(2, 0, 1)
-        out.append(cut)
+        inside = not len(tiles) or (
+            rows.min() >= 0
+            and cols.min() >= 0
+            and rows.max() <= padded.shape[0] - patch
+            and cols.max() <= padded.shape[1] - patch
+        )
+        if not inside:  # cannot happen for grid() tiles; the loop fails as it always did
+            out.append(_extract_loop(padded, tiles, top, left, patch, image.shape[2]))
+            continue
+        # channels first, then every P x P window as a view (r, c, C, P, P) with contiguous rows,
+        # and one gather of the tile origins: (N, C, P, P), a fresh C-contiguous array
+        planes = np.ascontiguousarray(padded.transpose(2, 0, 1))
+        windows = sliding_window_view(planes, (patch, patch), axis=(1, 2)).transpose(1, 2, 0, 3, 4)
+        out.append(windows[rows, cols])
     return out[0], out[1]
+
+
+def _extract_loop(
+    padded: np.ndarray, tiles: list[Tile], top: int, left: int, patch: int, channels: int
+) -> np.ndarray:
+    """Tile by tile, for tiles that reach past the padding (kept for its exact old behaviour)."""
+    cut = np.empty((len(tiles), channels, patch, patch), padded.dtype)
+    for i, t in enumerate(tiles):
+        r, c = t.row + top, t.col + left
+        cut[i] = padded[r : r + patch, c : c + patch].transpose(2, 0, 1)
+    return cut
+
+
+def _hann(patch: int) -> np.ndarray:
+    """(P,) float64 half-sample Hann window, the 1-D factor of :func:`blend_window`."""
+    n = np.arange(patch, dtype=np.float64)
+    return np.sin(np.pi * (n + 0.5) / patch) ** 2
 
 
 def blend_window(patch: int) -> np.ndarray:
     """(P, P) separable half-sample Hann window, strictly positive."""
-    n = np.arange(patch, dtype=np.float64)
-    w = np.sin(np.pi * (n + 0.5) / patch) ** 2
+    w = _hann(patch)
     return np.outer(w, w).astype(np.float32)
 
 
@@ -93,6 +121,76 @@ def stitch(
     """Window-weighted mean of the tile probabilities at every pixel: (H, W) float32."""
     if len(probabilities) != len(tiles):
         raise ValueError(f"{len(probabilities)} probabilities for {len(tiles)} tiles")
+    lattice = _lattice(tiles, height, width, patch)
+    p = np.asarray(probabilities)
+    if lattice is None or p.ndim != 1:
+        return _stitch_loop(probabilities, tiles, height, width, patch)
+    rows, cols = lattice
+    return _stitch_lattice(p.reshape(len(rows), len(cols)), rows, cols, height, width, patch)
+
+
+def _lattice(
+    tiles: list[Tile], height: int, width: int, patch: int
+) -> tuple[list[int], list[int]] | None:
+    """(row origins, col origins) when ``tiles`` is exactly ``grid(height, width, patch, s)`` for
+    some stride s, else None. Costs one pass over the tile attributes, no Tile construction."""
+    if len(tiles) < 2 or height < 1 or width < 1 or patch < 1:
+        return None
+    t0, t1 = tiles[0], tiles[1]
+    stride = t1.col - t0.col if t1.row == t0.row else t1.row - t0.row
+    if not 1 <= stride <= patch:
+        return None
+    rows, cols = axis_origins(height, patch, stride), axis_origins(width, patch, stride)
+    n = len(tiles)
+    if n != len(rows) * len(cols):
+        return None
+    got_r = np.fromiter((t.row for t in tiles), np.int64, n)
+    got_c = np.fromiter((t.col for t in tiles), np.int64, n)
+    got_s = np.fromiter((t.size for t in tiles), np.int64, n)
+    if not (
+        np.array_equal(got_r, np.repeat(rows, len(cols)))
+        and np.array_equal(got_c, np.tile(cols, len(rows)))
+        and bool((got_s == patch).all())
+    ):
+        return None
+    return rows, cols
+
+
+def _stitch_lattice(
+    p: np.ndarray, rows: list[int], cols: list[int], height: int, width: int, patch: int
+) -> np.ndarray:
+    """``p`` (n_rows, n_cols) on the lattice: the window is separable, and so is its weight sum,
+    so the map is one 1-D weighted mean along columns, then one along rows: 2 P strided adds."""
+    n_r, n_c = p.shape
+    stride = rows[1] - rows[0] if n_r > 1 else cols[1] - cols[0] if n_c > 1 else patch
+    w = _hann(patch)
+    top, left = -rows[0], -cols[0]
+    # along columns: half[i, x] = sum_j p[i, j] w[x - col_j] / sum_j w[x - col_j]
+    p = p.astype(np.float64)
+    half = np.zeros((n_r, (n_c - 1) * stride + patch))
+    col_weight = np.zeros(half.shape[1])
+    for b in range(patch):
+        lane = slice(b, b + (n_c - 1) * stride + 1, stride)
+        half[:, lane] += p * w[b]
+        col_weight[lane] += w[b]
+    half = half[:, left : left + width] / col_weight[left : left + width]
+    # along rows: out[y, x] = sum_i half[i, x] w[y - row_i] / sum_i w[y - row_i]
+    acc = np.zeros(((n_r - 1) * stride + patch, width))
+    row_weight = np.zeros(acc.shape[0])
+    term = np.empty_like(half)
+    for a in range(patch):
+        lane = slice(a, a + (n_r - 1) * stride + 1, stride)
+        acc[lane] += np.multiply(half, w[a], out=term)
+        row_weight[lane] += w[a]
+    acc = acc[top : top + height]
+    acc /= row_weight[top : top + height, None]
+    return acc.astype(np.float32)
+
+
+def _stitch_loop(
+    probabilities: np.ndarray, tiles: list[Tile], height: int, width: int, patch: int
+) -> np.ndarray:
+    """Tile by tile: any tile list (the lattice path covers what ``grid`` returns)."""
     window = blend_window(patch)
     acc = np.zeros((height, width), np.float64)
     weight = np.zeros((height, width), np.float64)

@@ -42,6 +42,7 @@ CHECKPOINT_FORMAT = "rarechange-checkpoint/1"
 class TrainConfig:
     seed: int = 0
     batch_size: int = 64
+    device: str = "auto"  # "auto": a GPU when present, else the CPU
     # stage 1
     pretrain_epochs: float = 4.0  # passes over the negatives
     pretrain_steps: int | None = None  # when set, exactly this many steps instead of epochs
@@ -82,9 +83,20 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def to_unit(x: np.ndarray) -> torch.Tensor:
+def to_unit(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
     """uint8 patches -> float in [0, 1]: the same scaling the exported graph applies."""
-    return torch.from_numpy(x).float().div_(255.0)
+    return torch.from_numpy(x).to(device).float().div_(255.0)
+
+
+def resolve_device(name: str) -> torch.device:
+    """ "auto": the GPU when there is one, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 class EpochCheckpoints:
@@ -104,7 +116,7 @@ class EpochCheckpoints:
         """(epochs already done, their history); (0, []) when starting fresh."""
         if self.path is None or not self.path.exists():
             return 0, []
-        state = torch.load(self.path, map_location="cpu", weights_only=False)
+        state = torch.load(self.path, map_location=device_of(module), weights_only=False)
         module.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         log.info("%s: resuming after epoch %d", self.stage, state["epoch"])
@@ -182,6 +194,8 @@ def pretrain(
     run_dir: Path | None = None,
 ) -> list[dict[str, float]]:
     """Stage 1 on unchanged pairs only; returns the loss history (one row per logged step)."""
+    device = resolve_device(cfg.device)
+    vae.to(device)
     opt = torch.optim.Adam(vae.parameters(), lr=cfg.pretrain_lr)
     likelihood = vae.cfg.likelihood
     steps_per_epoch = max(1, len(negatives) // cfg.batch_size)
@@ -191,7 +205,8 @@ def pretrain(
 
     def step(_: int, gen: np.random.Generator) -> dict[str, float]:
         idx = gen.integers(0, len(negatives), cfg.batch_size)
-        x_a, x_b = to_unit(negatives.before[idx]), to_unit(negatives.after[idx])
+        x_a = to_unit(negatives.before[idx], device)
+        x_b = to_unit(negatives.after[idx], device)
         q_a, rec_a = vae(x_a)
         q_b, rec_b = vae(x_b)
         recon = losses.reconstruction_nll(rec_a, x_a, likelihood) + losses.reconstruction_nll(
@@ -246,6 +261,8 @@ def finetune(
             len(negatives), min(len(negatives), len(positives)), replace=False
         )
         negatives = negatives.select(np.sort(keep))
+    device = resolve_device(cfg.device)
+    detector.to(device)
     groups = [{"params": list(detector.classifier.parameters()), "lr": cfg.finetune_lr}]
     if cfg.encoder_lr_scale > 0:
         groups.append(
@@ -264,10 +281,10 @@ def finetune(
         ineg = gen.integers(0, len(negatives), half)
         before = np.concatenate([positives.before[ip], negatives.before[ineg]])
         after = np.concatenate([positives.after[ip], negatives.after[ineg]])
-        y = torch.cat([torch.ones(half), torch.zeros(half)])
+        y = torch.cat([torch.ones(half), torch.zeros(half)]).to(device)
         # either date may come first at serving time: swap half of the pairs
-        swap = torch.from_numpy(gen.random(2 * half) < 0.5)[:, None, None, None]
-        x_a, x_b = to_unit(before), to_unit(after)
+        swap = torch.from_numpy(gen.random(2 * half) < 0.5)[:, None, None, None].to(device)
+        x_a, x_b = to_unit(before, device), to_unit(after, device)
         x_a, x_b = torch.where(swap, x_b, x_a), torch.where(swap, x_a, x_b)
         loss = bce_change_loss(detector.logits(x_a, x_b), y)
         opt.zero_grad(set_to_none=True)
@@ -294,8 +311,12 @@ def finetune(
 @torch.no_grad()
 def predict(detector: ChangeDetector, patches: PatchSet, batch: int = 512) -> np.ndarray:
     detector.eval()
+    device = device_of(detector)
     out = [
-        detector(to_unit(patches.before[i : i + batch]), to_unit(patches.after[i : i + batch]))
+        detector(
+            to_unit(patches.before[i : i + batch], device),
+            to_unit(patches.after[i : i + batch], device),
+        ).cpu()
         for i in range(0, len(patches), batch)
     ]
     return torch.cat(out).numpy() if out else np.zeros(0, np.float32)

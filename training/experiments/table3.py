@@ -26,7 +26,7 @@ from serving.quality import auroc
 from training.data import PatchSet
 from training.datasets.augmented_mnist import VARIANTS, make_pairs, texture_source
 from training.model import ChangeDetector, DisentangledVAE, ModelConfig
-from training.train import TrainConfig, finetune, predict, pretrain
+from training.train import TrainConfig, device_of, finetune, predict, pretrain, to_unit
 
 log = logging.getLogger(__name__)
 
@@ -104,12 +104,13 @@ def evaluate(detector: ChangeDetector, test: PatchSet) -> dict[str, float]:
 
 def latent_distance_auroc(encoder: torch.nn.Module, test: PatchSet) -> float:
     """AUROC of |mu_c_A - mu_c_B| for change: a collapse check that needs no positives."""
+    device = device_of(encoder)
     with torch.no_grad():
         d = []
         for i in range(0, len(test), 4096):
-            a = encoder.common(torch.from_numpy(test.before[i : i + 4096]).float() / 255)
-            b = encoder.common(torch.from_numpy(test.after[i : i + 4096]).float() / 255)
-            d.append((a - b).norm(dim=1))
+            a = encoder.common(to_unit(test.before[i : i + 4096], device))
+            b = encoder.common(to_unit(test.after[i : i + 4096], device))
+            d.append((a - b).norm(dim=1).cpu())
     return 100.0 * auroc(torch.cat(d).numpy(), test.changed_fraction > 0.5)
 
 
