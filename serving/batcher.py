@@ -174,7 +174,8 @@ class DynamicBatcher:
             while self._queue and room > 0:
                 entry = self._queue[0]
                 job, start = entry
-                if job.cancelled or (job.deadline is not None and now > job.deadline):
+                failed = job.error is not None  # an earlier batch of this job already failed
+                if failed or job.cancelled or (job.deadline is not None and now > job.deadline):
                     self._queue.popleft()
                     self._queued -= len(job.before) - start
                     self._finish_dropped(job)
@@ -232,7 +233,10 @@ class DynamicBatcher:
                 continue
             spent = time.perf_counter() - t0
             if self.on_batch:
-                self.on_batch(len(before), spent)
+                try:
+                    self.on_batch(len(before), spent)
+                except Exception:  # metrics must never take a worker down
+                    log.exception("on_batch callback failed")
             offset = 0
             for job, a, b in slices:
                 job.probabilities[a:b] = out[offset : offset + b - a]

@@ -404,3 +404,37 @@ def test_constructor_validation(kwargs: dict[str, int], message: str) -> None:
 def test_constructor_needs_an_instance() -> None:
     with pytest.raises(ValueError, match="at least one model instance"):
         DynamicBatcher([])
+
+
+def test_rest_of_a_failed_job_is_not_inferred() -> None:
+    seen: list[float] = []
+    started = threading.Event()
+    release = threading.Event()
+
+    def infer(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        seen.extend(before[:, 0, 0, 0].tolist())
+        if before[0, 0, 0, 0] == -1:
+            started.set()
+            release.wait(5)
+            raise RuntimeError("boom")
+        return before[:, 0, 0, 0]
+
+    with DynamicBatcher([infer], max_batch_size=2, max_queue_delay_us=0) as batcher:
+        job = batcher.submit(*patches([-1, 2, 3, 4, 5, 6]))
+        assert started.wait(5)
+        release.set()
+        with pytest.raises(RuntimeError, match="inference failed"):
+            _result(job)
+        ok = batcher.submit(*patches([7]))
+        assert np.array_equal(_result(ok), [7])
+    assert 5.0 not in seen and 6.0 not in seen, seen
+
+
+def test_a_failing_metrics_callback_does_not_stop_the_worker() -> None:
+    def on_batch(size: int, seconds: float) -> None:
+        raise ValueError("metrics broke")
+
+    echo = lambda b, a: b[:, 0, 0, 0]  # noqa: E731
+    with DynamicBatcher([echo], max_batch_size=2, max_queue_delay_us=0, on_batch=on_batch) as b:
+        for value in (1.0, 2.0, 3.0):
+            assert np.array_equal(_result(b.submit(*patches([value]))), [value])
