@@ -192,3 +192,20 @@ def test_every_declared_kind_is_handled() -> None:
         assert similarity_loss(kind, x, x, x, x).shape == (3,)
     for kind in losses.Activation.__args__:
         assert activation_loss(kind, x).shape == ()
+
+
+@pytest.mark.parametrize("kind", ["spread", "sparsity", "inv_max"])
+def test_activation_gradients_are_finite_even_at_collapse(kind: str) -> None:
+    """At the collapse point (every mu_c zero) the gradient must still be finite."""
+    for mu in (torch.zeros(8, 4), torch.randn(8, 4)):
+        mu = mu.clone().requires_grad_(True)
+        losses.activation_loss(kind, mu).backward()
+        assert torch.isfinite(mu.grad).all(), (kind, mu.grad)
+
+
+@pytest.mark.parametrize("kind", ["jeffrey", "mahalanobis", "l1", "l2"])
+def test_similarity_gradients_are_finite(kind: str) -> None:
+    mu1, lv1, mu2, lv2 = (torch.randn(5, 3, requires_grad=True) for _ in range(4))
+    losses.similarity_loss(kind, mu1, lv1, mu2, lv2).sum().backward()
+    for t in (mu1, lv1, mu2, lv2):
+        assert t.grad is None or torch.isfinite(t.grad).all()
