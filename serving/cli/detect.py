@@ -90,16 +90,17 @@ def detect(
     from serving.decode import decode_image
     from serving.errors import InvalidInput
 
+    before_bytes, after_bytes = before.read_bytes(), after.read_bytes()
     try:
-        b = decode_image(before.read_bytes(), max_pixels=1 << 31, name=str(before))
-        a = decode_image(after.read_bytes(), max_pixels=1 << 31, name=str(after))
+        b = decode_image(before_bytes, max_pixels=1 << 31, name=str(before))
+        a = decode_image(after_bytes, max_pixels=1 << 31, name=str(after))
     except InvalidInput as exc:
         raise click.BadParameter(str(exc)) from exc
     with ChangeDetectionClient(address) as client:
         try:
             result = client.detect(
-                before.read_bytes(),
-                after.read_bytes(),
+                before_bytes,
+                after_bytes,
                 model=model,
                 stride=stride,
                 threshold=threshold,
