@@ -7,16 +7,15 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
-from serving.quality import auroc
 from training.config import MnistData, RunConfig, SyntheticData, load_config
 from training.data import synthetic_patches
 from training.synthetic import SceneConfig, render_pair
 from training.train import (
     DataInfo,
     RunResult,
+    balanced_test_scores,
     detector_from_checkpoint,
     load_checkpoint,
-    predict,
     train,
 )
 
@@ -116,6 +115,7 @@ def _synthetic(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -
 def _mnist(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> RunResult | None:
     """The paper's protocol for one cell: all the budget's positives train; the test split tests."""
     from training.datasets.augmented_mnist import make_pairs
+    from training.experiments.table3 import TEST_SEED
 
     d = config.data
     seed = config.train.seed
@@ -125,12 +125,9 @@ def _mnist(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> Ru
     if result is None:
         return None
     detector = detector_from_checkpoint(load_checkpoint(result.checkpoint))
-    test = make_pairs(d.variant, "test", d.n_test_per_class, d.n_test_per_class, 20190616)
-    p = predict(detector, test.to_patchset(), batch=2048)
-    y = test.label == 1
-    result.metrics.update(
-        test_accuracy=100.0 * float(((p >= 0.5) == y).mean()), test_auroc=100.0 * auroc(p, y)
-    )
+    test = make_pairs(d.variant, "test", d.n_test_per_class, d.n_test_per_class, TEST_SEED)
+    scores = balanced_test_scores(detector, test.to_patchset())
+    result.metrics.update(test_accuracy=scores["accuracy"], test_auroc=scores["auroc"])
     metrics_path = out_dir / "metrics.json"
     data = json.loads(metrics_path.read_text())
     data["metrics"] = result.metrics

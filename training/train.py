@@ -350,6 +350,13 @@ def pixel_threshold(
     return threshold, metrics
 
 
+def balanced_test_scores(detector: ChangeDetector, test: PatchSet) -> dict[str, float]:
+    """The paper's change-detection accuracy (balanced test set, threshold 0.5) and AUROC, in %."""
+    p = predict(detector, test, batch=2048)
+    y = test.changed_fraction > 0.5
+    return {"accuracy": 100.0 * float(((p >= 0.5) == y).mean()), "auroc": 100.0 * auroc(p, y)}
+
+
 def split_validation(patches: PatchSet, fraction: float, seed: int) -> tuple[PatchSet, PatchSet]:
     order = np.random.default_rng(seed).permutation(len(patches))
     n_val = round(len(patches) * fraction)

@@ -26,7 +26,14 @@ from serving.quality import auroc
 from training.data import PatchSet
 from training.datasets.augmented_mnist import VARIANTS, make_pairs, texture_source
 from training.model import ChangeDetector, DisentangledVAE, ModelConfig
-from training.train import TrainConfig, device_of, finetune, predict, pretrain, to_unit
+from training.train import (
+    TrainConfig,
+    balanced_test_scores,
+    device_of,
+    finetune,
+    pretrain,
+    to_unit,
+)
 
 log = logging.getLogger(__name__)
 
@@ -93,13 +100,6 @@ def write_json(path: Path, data: object) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
     os.replace(tmp, path)
-
-
-def evaluate(detector: ChangeDetector, test: PatchSet) -> dict[str, float]:
-    """The paper's change-detection accuracy (balanced test set, threshold 0.5) and AUROC, in %."""
-    p = predict(detector, test, batch=2048)
-    y = test.changed_fraction > 0.5
-    return {"accuracy": 100.0 * float(((p >= 0.5) == y).mean()), "auroc": 100.0 * auroc(p, y)}
 
 
 def latent_distance_auroc(encoder: torch.nn.Module, test: PatchSet) -> float:
@@ -181,7 +181,7 @@ class Table3:
                     balance="undersample" if method == "under-sampling" else "balanced",
                 )
             finetune(detector, negatives, pos, cfg, progress=self.progress)
-            result = evaluate(detector, test)
+            result = balanced_test_scores(detector, test)
             record = {
                 "variant": variant,
                 "positives": positives,
