@@ -53,7 +53,7 @@ bench: $(DEV_STAMP)
 
 model: $(DEV_STAMP)
 	$(BIN)/rarechange train --preset thin --out runs/synthetic-thin
-	$(BIN)/rarechange export runs/synthetic-thin --out models/synthetic-thin --version 0.1.0 \
+	$(BIN)/rarechange export runs/synthetic-thin --out models/synthetic-thin --version 0.1.0 --int8 --fp16 \
 		--description "Thin-path demo model: the tiny disentangled-VAE encoder and classifier trained \
 		for seconds on generated aerial-like scene pairs. Not trained on real imagery: use it to \
 		try the system, not to find real changes."

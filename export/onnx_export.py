@@ -7,21 +7,21 @@ of the encoder and the classifier are exported; the decoder is not needed to sco
 
 from __future__ import annotations
 
-import hashlib
 import io
 import logging
 import os
 import subprocess
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 import torch
 from torch import nn
 
+from serving.integrity import weights_sha256
 from serving.metadata import INPUT_NAMES, OUTPUT_NAME, ModelMetadata, TrainingData
 from training.model import ChangeDetector
 from training.train import detector_from_checkpoint, load_checkpoint
@@ -51,20 +51,36 @@ class RawInputDetector(nn.Module):
         return self.detector(b, a)  # (N,)
 
 
+class VariantRow(Protocol):
+    """What the card shows of a variant (export.variants.VariantReport)."""
+
+    precision: str
+    accuracy: float
+    auroc: float
+    accuracy_change: float
+    auroc_change: float
+    accepted: bool
+    n_held_out: int
+    max_accuracy_loss: float
+
+
 @dataclass(frozen=True)
 class ExportResult:
     path: Path
     metadata: ModelMetadata
     parity_max_abs_diff: float
+    # what the model card was written from, so that it can be rewritten with the variants
+    card_inputs: dict[str, Any] = field(default_factory=dict, repr=False)
 
-
-def weights_sha256(module: nn.Module) -> str:
-    """A digest of the weights alone (sorted names, raw bytes), stable across export runs."""
-    h = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        h.update(name.encode())
-        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return h.hexdigest()
+    def rewrite_card(self, variants: list[VariantRow]) -> Path:
+        return write_model_card(
+            self.path.parent,
+            self.metadata,
+            self.parity_max_abs_diff,
+            self.card_inputs.get("payload"),
+            self.card_inputs.get("commands", {}),
+            variants,
+        )
 
 
 def source_commit(root: Path | None = None) -> str:
@@ -156,8 +172,13 @@ def export_checkpoint(
     description: str = "",
     real_inputs: list[tuple[np.ndarray, np.ndarray]] | None = None,
     recommended_stride: int | None = None,
+    commands: dict[str, str] | None = None,
 ) -> ExportResult:
-    """Write ``out_dir/model.onnx`` with its metadata, after the parity check passes."""
+    """Write ``out_dir/model.onnx`` with its metadata, after the parity check passes.
+
+    ``commands`` ({"train": ..., "export": ...}) go into the model card, so that anyone can
+    reproduce the model.
+    """
     payload = load_checkpoint(checkpoint)
     detector = detector_from_checkpoint(payload)
     cfg = detector.cfg
@@ -169,6 +190,7 @@ def export_checkpoint(
         wrapper, onnx_bytes, parity_inputs(cfg.in_channels, cfg.patch_size, real_inputs)
     )
 
+    model = onnx.load_from_string(onnx_bytes)
     metadata = ModelMetadata(
         name=name,
         version=version,
@@ -191,11 +213,10 @@ def export_checkpoint(
             ),
         ),
         metrics={k: float(v) for k, v in payload["metrics"].items() if np.isfinite(v)},
-        weights_sha256=weights_sha256(detector),
+        weights_sha256=weights_sha256(model),
         created_at=datetime.now(UTC),
         source_commit=source_commit(),
     )
-    model = onnx.load_from_string(onnx_bytes)
     onnx.helper.set_model_props(model, metadata.to_props())
     model.producer_name = "rarechange"
     onnx.checker.check_model(model)
@@ -205,13 +226,22 @@ def export_checkpoint(
     tmp = path.with_suffix(".onnx.tmp")
     onnx.save(model, tmp)
     os.replace(tmp, path)
-    write_model_card(out_dir, metadata, parity, payload)
+    write_model_card(out_dir, metadata, parity, payload, commands or {})
     log.info("exported %s (parity %.2g)", path, parity)
-    return ExportResult(path, metadata, parity)
+    card = {
+        "payload": {k: payload.get(k) for k in ("n_positives", "n_negatives")},
+        "commands": commands or {},
+    }
+    return ExportResult(path, metadata, parity, card)
 
 
 def write_model_card(
-    out_dir: Path, meta: ModelMetadata, parity: float, payload: dict[str, Any]
+    out_dir: Path,
+    meta: ModelMetadata,
+    parity: float | None,
+    payload: dict[str, Any] | None,
+    commands: dict[str, str],
+    variants: list[VariantRow] | None = None,
 ) -> Path:
     """A human-readable card beside the model; the ONNX metadata stays the source of truth."""
     metrics = "\n".join(f"| {k} | {v:.4g} |" for k, v in sorted(meta.metrics.items()))
@@ -220,32 +250,80 @@ def write_model_card(
     )
     lo, hi = meta.input_range
     scaling = f"(x - {meta.offset:g}) * {meta.scale:.6g}"
-    seen = f"{payload.get('n_positives', '?')} / {payload.get('n_negatives', '?')}"
+    rows = [
+        ("precision", meta.precision),
+        ("patch size", f"{meta.patch_size} px"),
+        ("channels", f"{meta.channels} ({', '.join(meta.band_names)})"),
+        ("input", f"{meta.input_dtype} in [{lo:g}, {hi:g}], scaled inside the graph by {scaling}"),
+        ("output", "probability that the patch pair changed, float32 [N]"),
+        ("recommended stride", f"{meta.recommended_stride} px"),
+        ("default threshold", f"{meta.default_threshold:.4f} ({meta.threshold_method})"),
+        ("calibration", str(meta.calibration.get("method", "none"))),
+    ]
+    if meta.precision != "fp32":
+        rows.append(("quantization", "; ".join(f"{k}: {v}" for k, v in meta.quantization.items())))
+    if payload is not None:
+        rows.append(
+            (
+                "positives / negatives seen",
+                f"{payload.get('n_positives', '?')} / {payload.get('n_negatives', '?')} "
+                "patch pairs",
+            )
+        )
+    if parity is not None:
+        rows.append(("ONNX vs PyTorch max abs diff", f"{parity:.2g}"))
+    rows += [
+        ("weights sha256", f"`{meta.weights_sha256}`"),
+        ("created", f"{meta.created_at.isoformat()} from commit `{meta.source_commit}`"),
+    ]
+    table = "\n".join(f"| {k} | {v} |" for k, v in rows)
+    how = (
+        "\n".join(f"{step}:\n\n```\n{cmd}\n```\n" for step, cmd in commands.items() if cmd)
+        or "Not recorded (exported without its run folder).\n"
+    )
+    variant_text = ""
+    if variants:
+        lines = "\n".join(
+            f"| {v.precision} | {v.accuracy:.2f} | {v.accuracy_change:+.2f} | {v.auroc:.2f} | "
+            f"{v.auroc_change:+.2f} | {'written' if v.accepted else 'refused'} |"
+            for v in variants
+        )
+        variant_text = f"""
+## Reduced-precision variants
+Scored beside this fp32 model on {variants[0].n_held_out} held-out patch pairs at its
+threshold; a variant losing more than {variants[0].max_accuracy_loss:g} point(s) of balanced
+accuracy is refused.
+
+| precision | balanced accuracy % | change | AUROC % | change | |
+|---|---|---|---|---|---|
+{lines}
+"""
     text = f"""# Model card: {meta.name} {meta.version}
 
 {meta.description}
 
+## Intended use
+Score co-registered before/after image pairs of the kind described under *Training data* and
+report where something changed, through `rarechange serve` (gRPC `DetectChange`) or
+`rarechange detect`. Serving tiles the pair into {meta.patch_size} px patches at stride
+{meta.recommended_stride}, blends the patch probabilities into a map and thresholds it at
+{meta.default_threshold:.4f}. Imagery unlike the training data (other sensors, resolutions, band
+orders) is out of scope until measured; check the held-out metrics below before trusting a mask.
+
 | field | value |
 |---|---|
-| patch size | {meta.patch_size} px |
-| channels | {meta.channels} ({", ".join(meta.band_names)}) |
-| input | {meta.input_dtype} in [{lo:g}, {hi:g}], scaled inside the graph by {scaling} |
-| recommended stride | {meta.recommended_stride} px |
-| default threshold | {meta.default_threshold:.4f} ({meta.threshold_method}) |
-| calibration | {meta.calibration.get("method", "none")} |
-| positives / negatives seen | {seen} patch pairs |
-| ONNX vs PyTorch max abs diff | {parity:.2g} |
-| weights sha256 | `{meta.weights_sha256}` |
-| created | {meta.created_at.isoformat()} from commit `{meta.source_commit}` |
+{table}
 
 ## Training data
 {data}
 
-## Held-out metrics (validation patches)
+## Held-out metrics
 | metric | value |
 |---|---|
 {metrics}
-"""
+{variant_text}
+## How it was produced
+{how}"""
     path = out_dir / "README.md"
     tmp = path.with_name(".README.md.tmp")
     tmp.write_text(text)

@@ -56,6 +56,9 @@ class ModelMetadata(BaseModel):
     default_threshold: float = Field(gt=0, lt=1)
     threshold_method: str
     calibration: dict[str, Any] = Field(default_factory=lambda: {"method": "none"})
+    # fp32 as trained, or a reduced-precision variant of the fp32 model with the same name stem
+    precision: Literal["fp32", "fp16", "int8"] = "fp32"
+    quantization: dict[str, Any] = Field(default_factory=lambda: {"method": "none"})
     training_data: tuple[TrainingData, ...] = Field(min_length=1)
     metrics: dict[str, float] = Field(default_factory=dict)
     weights_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")

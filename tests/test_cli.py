@@ -86,9 +86,34 @@ def test_train_export_serve_detect_from_the_command_line(tmp_path: Path) -> None
     assert result.exit_code == 0, result.output
     assert (run / "checkpoint.pt").is_file() and (run / "metrics.json").is_file()
     models = tmp_path / "models"
-    result = runner.invoke(cli, ["export", str(run), "--out", str(models / "cli-model")])
+    triton = tmp_path / "triton"
+    result = runner.invoke(
+        cli,
+        [
+            "export",
+            str(run),
+            "--out",
+            str(models / "cli-model"),
+            "--int8",
+            "--fp16",
+            # a 5-step model is near chance: this run checks the path, test_variants the margin
+            "--max-accuracy-loss",
+            "100",
+            "--triton-repo",
+            str(triton),
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert (models / "cli-model" / "model.onnx").is_file()
+    for name in ("cli-model", "cli-model-int8", "cli-model-fp16"):
+        assert (models / name / "model.onnx").is_file() and (models / name / "README.md").is_file()
+    card = (models / "cli-model" / "README.md").read_text()
+    assert "## Reduced-precision variants" in card and "| int8 |" in card
+    assert f"rarechange train --preset thin --out {run}" in card  # how it was produced
+    assert "rarechange export" in card and "--int8" in card
+    assert (triton / "cli-model" / "config.pbtxt").is_file()
+    assert (triton / "cli-model" / "1" / "model.onnx").read_bytes() == (
+        models / "cli-model" / "model.onnx"
+    ).read_bytes()
 
     pair = render_pair(11, SceneConfig(height=80, width=100))
     (tmp_path / "b.png").write_bytes(encode_png(pair.before))

@@ -7,8 +7,10 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from training.config import MnistData, RunConfig, SyntheticData, load_config
-from training.data import synthetic_patches
+from training.data import PatchSet, synthetic_patches
 from training.synthetic import SceneConfig, render_pair
 from training.train import (
     DataInfo,
@@ -133,3 +135,72 @@ def _mnist(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> Ru
     data["metrics"] = result.metrics
     metrics_path.write_text(json.dumps(data, indent=1))
     return result
+
+
+def held_out_patches(config: RunConfig, limit: int = 20_000) -> tuple[PatchSet, float]:
+    """Labelled patch pairs the run never trained on, and the changed fraction of a positive.
+
+    Synthetic runs: the validation scenes (the ones that chose the threshold) cut at the run's
+    stride; MNIST runs: balanced pairs from the test split. Export measures variants on these.
+    """
+    from training.data import extract_patches
+
+    positive_fraction = config.train.positive_fraction
+    match config.data:
+        case SyntheticData() as d:
+            scene = SceneConfig(height=d.size, width=d.size, change_rate=3.0)
+            sets = []
+            for i in range(d.val_scenes):
+                p = render_pair(VALIDATION_SEED + i, scene)
+                sets.append(
+                    extract_patches(p.before, p.after, p.mask, config.model.patch_size, d.stride)
+                )
+            patches = PatchSet.concat(sets)
+        case MnistData() as d:
+            from training.datasets.augmented_mnist import make_pairs
+            from training.experiments.table3 import TEST_SEED
+
+            n = min(d.n_test_per_class, limit // 2)
+            patches = make_pairs(d.variant, "test", n, n, TEST_SEED).to_patchset()
+            positive_fraction = 0.5
+        case _:
+            raise ValueError(f"unknown data kind {config.data!r}")
+    if len(patches) > limit:
+        keep = np.random.default_rng(0).choice(len(patches), limit, replace=False)
+        patches = patches.select(np.sort(keep))
+    return patches, positive_fraction
+
+
+def calibration_patches(config: RunConfig, n: int = 512) -> PatchSet:
+    """Patch pairs from the run's training distribution, for static int8 calibration."""
+    match config.data:
+        case SyntheticData() as d:
+            patches = synthetic_patches(
+                range(min(d.scenes, 8)),
+                patch=config.model.patch_size,
+                stride=d.stride,
+                size=d.size,
+                change_rate=d.change_rate,
+                nuisance_strength=d.nuisance_strength,
+                max_change_px=d.max_change_px,
+            )
+        case MnistData() as d:
+            from training.datasets.augmented_mnist import make_pairs
+
+            patches = make_pairs(d.variant, "train", n, n, config.train.seed).to_patchset()
+        case _:
+            raise ValueError(f"unknown data kind {config.data!r}")
+    if len(patches) > n:
+        keep = np.random.default_rng(1).choice(len(patches), n, replace=False)
+        patches = patches.select(np.sort(keep))
+    return patches
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The config a run folder was trained with (written by ``run``)."""
+    path = run_dir / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{run_dir} has no config.json: not a `rarechange train` run folder"
+        )
+    return RunConfig.model_validate_json(path.read_text())

@@ -186,7 +186,7 @@ class ImageDescriptor(_message.Message):
     encoded: bool
     raw: RawArray
     size_bytes: int
-    def __init__(self, encoded: _Optional[bool] = ..., raw: _Optional[_Union[RawArray, _Mapping]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    def __init__(self, encoded: bool = ..., raw: _Optional[_Union[RawArray, _Mapping]] = ..., size_bytes: _Optional[int] = ...) -> None: ...
 
 class StreamHeader(_message.Message):
     __slots__ = ("options", "before", "after", "request_id")
@@ -234,7 +234,7 @@ class ModelInfo(_message.Message):
     is_default: bool
     backend: str
     metadata_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., patch_size: _Optional[int] = ..., channels: _Optional[int] = ..., band_names: _Optional[_Iterable[str]] = ..., input_dtype: _Optional[str] = ..., recommended_stride: _Optional[int] = ..., default_threshold: _Optional[float] = ..., is_default: _Optional[bool] = ..., backend: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., patch_size: _Optional[int] = ..., channels: _Optional[int] = ..., band_names: _Optional[_Iterable[str]] = ..., input_dtype: _Optional[str] = ..., recommended_stride: _Optional[int] = ..., default_threshold: _Optional[float] = ..., is_default: bool = ..., backend: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

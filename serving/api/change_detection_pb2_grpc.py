@@ -5,7 +5,7 @@ import warnings
 
 from serving.api import change_detection_pb2 as rarechange_dot_v1_dot_change__detection__pb2
 
-GRPC_GENERATED_VERSION = '1.85.1'
+GRPC_GENERATED_VERSION = '1.80.0'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -25,7 +25,7 @@ if _version_not_supported:
     )
 
 
-class ChangeDetectionStub:
+class ChangeDetectionStub(object):
     """Missing associated documentation comment in .proto file."""
 
     def __init__(self, channel):
@@ -56,7 +56,7 @@ class ChangeDetectionStub:
                 _registered_method=True)
 
 
-class ChangeDetectionServicer:
+class ChangeDetectionServicer(object):
     """Missing associated documentation comment in .proto file."""
 
     def DetectChange(self, request, context):
@@ -117,7 +117,7 @@ def add_ChangeDetectionServicer_to_server(servicer, server):
 
 
  # This class is part of an EXPERIMENTAL API.
-class ChangeDetection:
+class ChangeDetection(object):
     """Missing associated documentation comment in .proto file."""
 
     @staticmethod

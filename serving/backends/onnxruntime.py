@@ -9,6 +9,7 @@ import numpy as np
 import onnxruntime as ort
 
 from serving.errors import ModelLoadError
+from serving.integrity import load_model_bytes, weights_sha256
 from serving.metadata import INPUT_NAMES, OUTPUT_NAME, ModelMetadata
 
 log = logging.getLogger(__name__)
@@ -32,13 +33,29 @@ class OnnxRuntimeBackend:
         opts.inter_op_num_threads = inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         try:
+            data = Path(path).read_bytes()
+        except OSError as exc:
+            raise ModelLoadError(f"{path}: cannot read it ({exc.strerror})") from exc
+        try:
+            model = load_model_bytes(data, str(path))
+        except ValueError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        props = {p.key: p.value for p in model.metadata_props}
+        self.metadata = ModelMetadata.from_props(props, source=str(path))
+        digest = weights_sha256(model)
+        if digest != self.metadata.weights_sha256:
+            raise ModelLoadError(
+                f"{path}: invalid metadata field 'weights_sha256': the file's weights hash to "
+                f"{digest[:16]}..., the metadata says {self.metadata.weights_sha256[:16]}...; "
+                "the weights were changed or damaged after export, re-export the model"
+            )
+        del model
+        try:
             self.session = ort.InferenceSession(
-                str(path), sess_options=opts, providers=providers or ["CPUExecutionProvider"]
+                data, sess_options=opts, providers=providers or ["CPUExecutionProvider"]
             )
         except Exception as exc:  # ORT raises its own untyped errors for corrupt files
             raise ModelLoadError(f"{path}: ONNX Runtime cannot load it ({exc})") from exc
-        props = self.session.get_modelmeta().custom_metadata_map
-        self.metadata = ModelMetadata.from_props(props, source=str(path))
         self._check_signature(path)
 
     def _check_signature(self, path: Path) -> None:

@@ -7,6 +7,7 @@ import logging
 import click
 
 from serving import __version__
+from serving.cli.argv import RecordingGroup
 from serving.cli.demo import demo
 from serving.cli.detect import detect
 from serving.cli.evaluate import evaluate
@@ -17,7 +18,7 @@ from serving.cli.serve import serve
 from serving.cli.train import train
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=RecordingGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="rarechange")
 @click.option("-v", "--verbose", count=True, help="More logging (-v info, -vv debug).")
 def cli(verbose: int) -> None:

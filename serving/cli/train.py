@@ -6,6 +6,16 @@ from pathlib import Path
 
 import click
 
+from serving.cli.argv import command_line
+
+
+def _remember_command(out: Path) -> None:
+    """The exact command goes into the run folder, so that the exported model card can show it."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / ".command.txt.tmp"
+    tmp.write_text(command_line() + "\n")
+    tmp.replace(out / "command.txt")
+
 
 @click.command()
 @click.option(
@@ -70,6 +80,7 @@ def train(
         )
     except ConfigError as exc:
         raise click.BadParameter(str(exc)) from exc
+    _remember_command(out)
     try:
         result = run(config, out, stage=stage, progress=not quiet)
     except (ConfigMismatch, FileNotFoundError) as exc:

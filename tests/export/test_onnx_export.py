@@ -21,8 +21,8 @@ from export.onnx_export import (
     check_parity,
     export_checkpoint,
     parity_inputs,
-    weights_sha256,
 )
+from serving.integrity import weights_sha256
 from serving.metadata import ModelMetadata
 from training.data import PatchSet, synthetic_patches
 from training.model import ModelConfig
@@ -93,6 +93,21 @@ def test_signature(session: ort.InferenceSession) -> None:
     assert len(outputs[0].shape) == 1 and isinstance(outputs[0].shape[0], str)
 
 
+def test_batch_sizes_1_7_64_give_the_same_per_sample_output(session: ort.InferenceSession) -> None:
+    rng = np.random.default_rng(3)
+    before = rng.integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
+    after = rng.integers(0, 256, (64, 3, 32, 32), dtype=np.uint8)
+    (whole,) = session.run(["probability"], {"before": before, "after": after})
+    for n in (1, 7):
+        parts = [
+            session.run(["probability"], {"before": before[i : i + n], "after": after[i : i + n]})[
+                0
+            ]
+            for i in range(0, 64, n)
+        ]
+        np.testing.assert_allclose(np.concatenate(parts), whole, rtol=0, atol=1e-6)
+
+
 @pytest.mark.parametrize("n", [1, 5])
 def test_dynamic_batch(session: ort.InferenceSession, n: int) -> None:
     rng = np.random.default_rng(n)
@@ -110,7 +125,6 @@ def test_metadata_matches_checkpoint(exported: ExportResult, checkpoint: Path) -
     meta = ModelMetadata.from_props(props)
     assert meta == exported.metadata
     payload = load_checkpoint(checkpoint)
-    detector = detector_from_checkpoint(payload)
     assert meta.name == "tiny" and meta.version == "0.0.1"
     assert meta.patch_size == payload["model_config"]["patch_size"] == 32
     assert meta.channels == payload["model_config"]["in_channels"] == 3
@@ -121,7 +135,8 @@ def test_metadata_matches_checkpoint(exported: ExportResult, checkpoint: Path) -
     assert meta.default_threshold == pytest.approx(np.clip(payload["threshold"], 1e-4, 1 - 1e-4))
     assert meta.threshold_method == payload["threshold_method"]
     assert meta.training_data[0].name == payload["data"]["name"]
-    assert meta.weights_sha256 == weights_sha256(detector)
+    assert meta.weights_sha256 == weights_sha256(model)
+    assert meta.precision == "fp32"
     assert model.producer_name == "rarechange"
 
 
@@ -152,12 +167,16 @@ def test_decoder_is_not_in_the_graph(exported: ExportResult) -> None:
     assert not any("decoder" in i.name for i in graph.initializer)
 
 
-def test_weights_sha256_is_stable_and_sensitive(checkpoint: Path) -> None:
-    a = detector_from_checkpoint(load_checkpoint(checkpoint))
-    b = detector_from_checkpoint(load_checkpoint(checkpoint))
-    assert weights_sha256(a) == weights_sha256(b)
-    with torch.no_grad():
-        b.classifier.net[-1].bias += 1e-3
+def test_weights_sha256_is_stable_and_sensitive(exported: ExportResult) -> None:
+    a = onnx.load(str(exported.path))
+    b = onnx.load(str(exported.path))
+    assert weights_sha256(a) == weights_sha256(b) == exported.metadata.weights_sha256
+    del b.metadata_props[:]  # the metadata is not part of the digest
+    assert weights_sha256(b) == weights_sha256(a)
+    init = b.graph.initializer[0]
+    arr = onnx.numpy_helper.to_array(init).copy()
+    arr.flat[0] += 1e-3
+    init.CopyFrom(onnx.numpy_helper.from_array(arr, init.name))
     assert weights_sha256(a) != weights_sha256(b)
 
 
