@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MiB = 1024 * 1024
@@ -33,6 +34,34 @@ class ServerSettings(BaseSettings):
     instances: int = Field(1, ge=1)  # model instances, each with its own session
     intra_op_threads: int = Field(2, ge=1)
     grace_s: float = Field(10.0, ge=0)  # drain time on SIGTERM
+    warmup: bool = True  # one batch per model instance before health says SERVING
+    # backends: ONNX Runtime in-process (providers: auto = TensorRT > CUDA > CPU as available),
+    # or a Triton server serving the repository that `rarechange export --triton-repo` writes
+    backend: Literal["onnxruntime", "triton"] = "onnxruntime"
+    providers: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    triton_url: str = "localhost:8001"
+    # the Open Inference Protocol (KServe v2 gRPC) on the same port, for raw patch-pair batches
+    kserve: bool = True
+    # Prometheus metrics over HTTP on their own port; 0 picks a free one, -1 turns them off
+    metrics_port: int = Field(9090, ge=-1, le=65535)
+    # security: TLS from files, mutual TLS when a client CA is given, optional bearer token
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+    auth_token: SecretStr | None = None
+    max_concurrent_streams: int = Field(64, ge=1)  # per connection (HTTP/2)
+
+    @model_validator(mode="after")
+    def _tls_files(self) -> ServerSettings:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("tls_cert and tls_key go together: set both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not path.is_file():
+                raise ValueError(f"{name}: {path} is not a readable file")
+        return self
 
 
 def shared_data_dir() -> Path | None:
