@@ -157,3 +157,24 @@ def test_train_export_serve_detect_from_the_command_line(tmp_path: Path) -> None
             server.terminate()
             # SIGTERM drains and exits cleanly
             assert server.wait(timeout=30) == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "env", "named"),
+    [
+        (["--port", "70000"], {}, "port"),
+        (["--metrics-port", "-5"], {}, "metrics_port"),
+        (["--max-batch-size", "0"], {}, "max_batch_size"),
+        (["--tls-cert", "server.pem"], {}, "tls_key"),
+        ([], {"RARECHANGE_INSTANCES": "none"}, "instances"),
+        ([], {"RARECHANGE_BACKEND": "tensorflow"}, "backend"),
+    ],
+)
+def test_serve_refuses_invalid_settings_naming_them(
+    args: list[str], env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    result = CliRunner().invoke(cli, ["serve", *args])
+    assert result.exit_code == 2, result.output
+    assert "invalid settings" in result.output and named in result.output
