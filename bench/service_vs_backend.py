@@ -27,7 +27,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
 
-    settings = ServerSettings(port=0)
+    settings = ServerSettings(port=0, metrics_port=-1)
     server = create_server(settings).start()
     served = server.repository.get()
     meta = served.metadata

@@ -1,8 +1,10 @@
-"""Regenerate (or check) the committed Python stubs for proto/rarechange/v1/*.proto.
+"""Regenerate (or check) the committed Python stubs for proto/rarechange/v1/*.proto and the
+vendored Open Inference Protocol (KServe v2) proto in proto/kserve/.
 
 The stubs live flat in ``serving/api/`` so that serving imports them as ``serving.api``; protoc's
-absolute ``rarechange.v1`` import in the gRPC module is rewritten to that path. ``--check`` makes
-the stubs in a temporary folder and fails when they differ from the committed ones (stale stubs).
+absolute package imports (``rarechange.v1``, ``kserve``) in the gRPC modules are rewritten to that
+path. ``--check`` makes the stubs in a temporary folder and fails when they differ from the
+committed ones (stale stubs).
 """
 
 from __future__ import annotations
@@ -16,7 +18,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"
 OUT = ROOT / "serving" / "api"
-PROTOS = sorted(p.relative_to(PROTO_ROOT) for p in (PROTO_ROOT / "rarechange").rglob("*.proto"))
+PROTO_DIRS = ("rarechange", "kserve")
+PROTOS = sorted(
+    p.relative_to(PROTO_ROOT) for d in PROTO_DIRS for p in (PROTO_ROOT / d).rglob("*.proto")
+)
+# Protos whose messages go into a private descriptor pool, not protobuf's default one: KServe's
+# package ``inference`` is also defined by tritonclient's grpc_service.proto (a superset), and two
+# files defining one symbol cannot share a pool, so the Triton backend (and tests driving the server
+# with tritonclient) could not import tritonclient in a process that serves KServe.
+PRIVATE_POOL = ("kserve",)
+_DEFAULT_POOL = "DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile("
+_PRIVATE_POOL = (
+    "# rarechange: a private pool, so that tritonclient's `inference` package can load beside it\n"
+    "POOL = _descriptor_pool.DescriptorPool()\n"
+    "DESCRIPTOR = POOL.AddSerializedFile("
+)
 
 
 def generate(out: Path) -> list[Path]:
@@ -43,6 +59,10 @@ def generate(out: Path) -> list[Path]:
                 text = text.replace(
                     f"from {package} import {name}", f"from serving.api import {name}"
                 )
+            if src.parent.name in PRIVATE_POOL and src.name.endswith("_pb2.py"):
+                if _DEFAULT_POOL not in text:
+                    raise SystemExit(f"{src.name}: protoc's output changed; update PRIVATE_POOL")
+                text = text.replace(_DEFAULT_POOL, _PRIVATE_POOL)
             dst = out / src.name
             dst.write_text(text)
             written.append(dst)

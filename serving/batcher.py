@@ -73,6 +73,7 @@ class DynamicBatcher:
         max_queue_size: int = 65536,
         name: str = "model",
         on_batch: Callable[[int, float], None] | None = None,
+        on_queued: Callable[[float], None] | None = None,
     ) -> None:
         if not instances:
             raise ValueError("the batcher needs at least one model instance")
@@ -89,7 +90,9 @@ class DynamicBatcher:
         self.max_queue_delay_us = max_queue_delay_us
         self.max_queue_size = max_queue_size
         self.name = name
-        self.on_batch = on_batch  # (batch size, inference seconds), for metrics
+        # metrics hooks, plain callables so that the batcher needs no metrics library:
+        self.on_batch = on_batch  # (batch size, inference seconds) per successful batch
+        self.on_queued = on_queued  # (seconds queued) per job, when its first patch is batched
         self._queue: collections.deque[list] = collections.deque()  # [job, next index]
         self._queued = 0  # patches waiting
         self._cond = threading.Condition()
@@ -124,6 +127,21 @@ class DynamicBatcher:
     @property
     def queued_patches(self) -> int:
         return self._queued
+
+    def warm_up(self, patch_shape: Sequence[int], dtype: str | np.dtype) -> None:
+        """Run one full batch of zero patches through every instance, bypassing the queue and
+        the metrics hooks: the first calls of a session allocate and tune, so they must not land
+        on a client's request (nor be counted as traffic)."""
+        zeros = np.zeros((self.max_batch_size, *patch_shape), dtype=dtype)
+        for i, infer in enumerate(self.instances):
+            t0 = time.perf_counter()
+            out = np.asarray(infer(zeros, zeros)).reshape(-1)
+            if len(out) != len(zeros):
+                raise RuntimeError(
+                    f"{self.name}: warm-up returned {len(out)} outputs for {len(zeros)} inputs"
+                )
+            spent = time.perf_counter() - t0
+            log.info("%s instance %d warmed up: %d patches, %.3f s", self.name, i, len(out), spent)
 
     # ------------------------------------------------------------------ submit
     def submit(self, before: np.ndarray, after: np.ndarray, deadline: float | None = None) -> Job:
@@ -193,6 +211,32 @@ class DynamicBatcher:
             return slices
 
     @staticmethod
+    def _public_error(exc: BaseException) -> BaseException:
+        """A RareChangeError passes as is; anything else is 'inference failed', caused by it."""
+        if isinstance(exc, RareChangeError):
+            return exc
+        err = RuntimeError("inference failed")
+        err.__cause__ = exc
+        return err
+
+    def _isolate(self, infer: InferFn, slices: list[tuple[Job, int, int]]) -> None:
+        for job, a, b in slices:
+            try:
+                out = np.asarray(infer(job.before[a:b], job.after[a:b]), dtype=np.float32)
+                out = out.reshape(-1)
+                if len(out) != b - a:
+                    raise RuntimeError(f"backend returned {len(out)} outputs for {b - a} inputs")
+            except BaseException as exc:
+                log.exception("inference failed for %d patches of one request", b - a)
+                job.error = job.error or self._public_error(exc)
+                job.done.set()
+                continue
+            job.probabilities[a:b] = out
+            job.remaining -= b - a
+            if job.remaining == 0 or job.error is not None:
+                job.done.set()
+
+    @staticmethod
     def _finish_dropped(job: Job) -> None:
         if job.error is None:
             job.error = (
@@ -201,6 +245,15 @@ class DynamicBatcher:
                 else DeadlineExceeded("the request was cancelled")
             )
         job.done.set()
+
+    @staticmethod
+    def _notify(callback: Callable[..., None] | None, *args: float) -> None:
+        if callback is None:
+            return
+        try:
+            callback(*args)
+        except Exception:  # metrics must never take a worker down
+            log.exception("metrics callback %r failed", callback)
 
     def _worker(self, infer: InferFn) -> None:
         while True:
@@ -213,6 +266,7 @@ class DynamicBatcher:
             for job, _, _ in slices:
                 if job.first_batch_at is None:
                     job.first_batch_at = now
+                    self._notify(self.on_queued, now - job.enqueued)
             before = np.concatenate([j.before[a:b] for j, a, b in slices])
             after = np.concatenate([j.after[a:b] for j, a, b in slices])
             t0 = time.perf_counter()
@@ -222,21 +276,19 @@ class DynamicBatcher:
                     raise RuntimeError(
                         f"backend returned {len(out)} outputs for {len(before)} inputs"
                     )
-            except BaseException as exc:  # one exception reaches every caller in the batch
+            except BaseException as exc:
                 log.exception("inference failed for a batch of %d patches", len(before))
-                err = exc if isinstance(exc, RareChangeError) else RuntimeError("inference failed")
-                if err is not exc:  # a RareChangeError passes through as is, not as its own cause
-                    err.__cause__ = exc
-                for job, _, _ in slices:
-                    job.error = job.error or err
-                    job.done.set()
+                if len({id(job) for job, _, _ in slices}) > 1:
+                    # requests that shared the batch are retried alone, so that one bad request
+                    # fails only itself
+                    self._isolate(infer, slices)
+                    continue
+                job = slices[0][0]
+                job.error = job.error or self._public_error(exc)
+                job.done.set()
                 continue
             spent = time.perf_counter() - t0
-            if self.on_batch:
-                try:
-                    self.on_batch(len(before), spent)
-                except Exception:  # metrics must never take a worker down
-                    log.exception("on_batch callback failed")
+            self._notify(self.on_batch, len(before), spent)
             offset = 0
             for job, a, b in slices:
                 job.probabilities[a:b] = out[offset : offset + b - a]

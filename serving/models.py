@@ -1,10 +1,17 @@
-"""The model repository: every ``<models_dir>/<name>/model.onnx``, loaded, validated and batched."""
+"""The model repository: every ``<models_dir>/<name>/model.onnx``, loaded, validated and batched.
+
+``settings.backend`` picks what scores the patches: ONNX Runtime in this process (on the providers
+``settings.providers`` selects), or a Triton server serving the same model under the same name.
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from serving.backends.onnxruntime import OnnxRuntimeBackend
 from serving.batcher import DynamicBatcher
@@ -21,6 +28,33 @@ class ServedModel:
     path: Path
     backend_name: str
     batcher: DynamicBatcher
+    backends: list[Any] = field(default_factory=list)  # closed when the repository stops
+
+
+def load_backends(path: Path, settings: ServerSettings) -> list[Any]:
+    """One backend per model instance (each its own session or channel), as settings say."""
+    make: Callable[[], Any]
+    if settings.backend == "triton":
+        from serving.backends.triton import TritonBackend  # tritonclient is an optional extra
+
+        make = partial(TritonBackend, path, url=settings.triton_url)
+    else:
+        make = partial(
+            OnnxRuntimeBackend,
+            path,
+            intra_op_threads=settings.intra_op_threads,
+            providers=settings.providers,
+            max_batch_size=settings.max_batch_size,
+        )
+    backends: list[Any] = []
+    try:
+        for _ in range(settings.instances):
+            backends.append(make())
+    except BaseException:
+        for backend in backends:
+            backend.close()
+        raise
+    return backends
 
 
 class ModelRepository:
@@ -42,10 +76,7 @@ class ModelRepository:
             )
         models: dict[str, ServedModel] = {}
         for path in paths:
-            backends = [
-                OnnxRuntimeBackend(path, intra_op_threads=settings.intra_op_threads)
-                for _ in range(settings.instances)
-            ]
+            backends = load_backends(path, settings)
             meta = backends[0].metadata
             if meta.name in models:
                 raise ModelLoadError(
@@ -58,7 +89,7 @@ class ModelRepository:
                 max_queue_size=max(settings.max_queue_size, settings.max_batch_size),
                 name=meta.name,
             )
-            models[meta.name] = ServedModel(meta, path, backends[0].name, batcher)
+            models[meta.name] = ServedModel(meta, path, backends[0].name, batcher, backends)
             log.info("loaded model %s %s from %s", meta.name, meta.version, path)
         default = settings.default_model or sorted(models)[0]
         return cls(models, default)
@@ -82,3 +113,5 @@ class ModelRepository:
     def stop(self) -> None:
         for m in self.models.values():
             m.batcher.stop()
+            for backend in m.backends:
+                backend.close()

@@ -13,11 +13,14 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from serving import kserve
 from serving.api import change_detection_pb2 as pb
 from serving.api import change_detection_pb2_grpc as pb_grpc
 from serving.config import ServerSettings
 from serving.detector import ChangeDetectionCore
+from serving.metrics import ServerMetrics
 from serving.models import ModelRepository
+from serving.security import describe, server_credentials, server_interceptors
 from serving.service import ChangeDetectionServicer
 
 log = logging.getLogger(__name__)
@@ -40,17 +43,43 @@ class ChangeDetectionServer:
     health: health.HealthServicer
     repository: ModelRepository
     settings: ServerSettings
+    metrics: ServerMetrics | None = None
 
     @property
     def address(self) -> str:
         return f"{self.settings.host}:{self.port}"
 
+    @property
+    def security(self) -> str:
+        """'plaintext', 'TLS' or 'mutual TLS', plus ', bearer token': said at start-up."""
+        return describe(self.settings)
+
+    @property
+    def metrics_port(self) -> int | None:
+        """The bound /metrics HTTP port once started; None when metrics_port is -1."""
+        return None if self.metrics is None else self.metrics.port
+
     def start(self) -> ChangeDetectionServer:
-        self.repository.start()
-        self.grpc_server.start()
+        """Open /metrics and the port, warm every model instance up, then report SERVING."""
+        if self.metrics is not None and self.settings.metrics_port >= 0:
+            self.metrics.start_http(self.settings.host, self.settings.metrics_port)
+        self.grpc_server.start()  # health says NOT_SERVING (set at creation) until warm
+        try:
+            if self.settings.warmup:
+                for served in self.repository.models.values():
+                    m = served.metadata
+                    served.batcher.warm_up((m.channels, m.patch_size, m.patch_size), m.input_dtype)
+        except BaseException:  # a model that cannot run a batch: close the ports, say why
+            self.grpc_server.stop(0)
+            if self.metrics is not None:
+                self.metrics.stop_http()
+            raise
+        self.repository.start()  # calls that came in during warm-up were queued, run them now
         for service in ("", SERVICE_NAME):
             self.health.set(service, health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving %s on %s", sorted(self.repository.models), self.address)
+        log.info(
+            "serving %s on %s (%s)", sorted(self.repository.models), self.address, self.security
+        )
         return self
 
     def stop(self, grace: float | None = None) -> None:
@@ -59,6 +88,8 @@ class ChangeDetectionServer:
         grace = self.settings.grace_s if grace is None else grace
         self.grpc_server.stop(grace).wait()
         self.repository.stop()
+        if self.metrics is not None:
+            self.metrics.stop_http()
         log.info("stopped")
 
     def __enter__(self) -> ChangeDetectionServer:
@@ -72,10 +103,18 @@ def create_server(
     settings: ServerSettings, repository: ModelRepository | None = None
 ) -> ChangeDetectionServer:
     """Load the models (failing loudly), bind the port (0: a free one), do not start yet."""
+    credentials = server_credentials(settings)  # read before the (slow) models: fail fast
     repository = repository or ModelRepository.load(settings)
+    metrics = ServerMetrics()  # this server's own registry: servers in one process never collide
+    metrics.watch(repository)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-        options=channel_options(settings.max_message_bytes),
+        # metrics outermost, so that calls refused by the others are counted too
+        interceptors=[metrics.interceptor, *server_interceptors(settings)],
+        options=[
+            *channel_options(settings.max_message_bytes),
+            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+        ],
     )
     pb_grpc.add_ChangeDetectionServicer_to_server(
         ChangeDetectionServicer(ChangeDetectionCore(repository), settings), server
@@ -84,13 +123,22 @@ def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for service in ("", SERVICE_NAME):
         health_servicer.set(service, health_pb2.HealthCheckResponse.NOT_SERVING)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    services = (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME)
+    if settings.kserve:  # the Open Inference Protocol, ready when health says SERVING
+        kserve.add_to_server(server, repository, kserve.health_readiness(health_servicer))
+        services += (kserve.SERVICE_NAME,)
+    reflection.enable_server_reflection(services, server, pool=kserve.reflection_pool(services))
+    bind = f"{settings.host}:{settings.port}"
+    try:  # grpcio raises RuntimeError on a failed bind (older versions returned 0)
+        if credentials is None:
+            port = server.add_insecure_port(bind)
+        else:
+            port = server.add_secure_port(bind, credentials)
+    except RuntimeError:
+        port = 0
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
-    return ChangeDetectionServer(server, port, health_servicer, repository, settings)
+    return ChangeDetectionServer(server, port, health_servicer, repository, settings, metrics)
 
 
 def serve(settings: ServerSettings) -> None:
@@ -99,7 +147,10 @@ def serve(settings: ServerSettings) -> None:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"rarechange serving on {server.address}", flush=True)
+    # the address stays the last word: scripts and tests read it from this line
+    print(f"rarechange ({server.security}) serving on {server.address}", flush=True)
+    if server.metrics_port is not None:
+        print(f"metrics on http://{settings.host}:{server.metrics_port}/metrics", flush=True)
     stop.wait()
     log.info("signal received, draining for up to %.1f s", settings.grace_s)
     server.stop()

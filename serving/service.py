@@ -48,6 +48,19 @@ OUTPUT_NAMES = {
 DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_UINT16: "uint16", pb.DTYPE_FLOAT32: "float32"}
 
 
+_NO_DEADLINE_S = 365 * 24 * 3600.0
+
+
+def time_remaining(context: grpc.ServicerContext) -> float | None:
+    """Seconds left before the client's deadline, None when it set none.
+
+    gRPC reports "no deadline" as an end centuries away, which no timed wait accepts
+    (OverflowError), so anything beyond a year counts as none.
+    """
+    remaining = context.time_remaining()
+    return None if remaining is None or remaining > _NO_DEADLINE_S else remaining
+
+
 @contextlib.contextmanager
 def status_mapping(context: grpc.ServicerContext, request_id: str) -> Iterator[None]:
     """Map the project's errors to status codes; anything else is a bug: INTERNAL, generic text."""
@@ -106,7 +119,7 @@ class ChangeDetectionServicer(pb_grpc.ChangeDetectionServicer):
         outputs = frozenset(OUTPUT_NAMES[o] for o in options.outputs if o in OUTPUT_NAMES)
         if len(outputs) != len(set(options.outputs)):
             raise InvalidInput(f"unknown output in {list(options.outputs)}")
-        remaining = context.time_remaining()
+        remaining = time_remaining(context)
         req = DetectRequest(
             before=before,
             after=after,

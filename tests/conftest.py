@@ -30,6 +30,7 @@ def start_server() -> Iterator[Callable[..., ChangeDetectionServer]]:
     servers: list[ChangeDetectionServer] = []
 
     def start(models_dir: Path = BUNDLED_MODELS, **settings: object) -> ChangeDetectionServer:
+        settings.setdefault("metrics_port", 0)  # a free port: servers never fight over 9090
         cfg = ServerSettings(host="127.0.0.1", port=0, models_dir=models_dir, **settings)
         server = create_server(cfg).start()
         servers.append(server)

@@ -128,6 +128,8 @@ def test_train_export_serve_detect_from_the_command_line(tmp_path: Path) -> None
             str(models),
             "--port",
             "0",
+            "--metrics-port",
+            "0",
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

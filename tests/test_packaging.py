@@ -63,7 +63,7 @@ def test_serving_serves_with_torch_unimportable() -> None:
         from serving.server import create_server
         from training.synthetic import SceneConfig, render_pair
 
-        server = create_server(ServerSettings(port=0)).start()
+        server = create_server(ServerSettings(port=0, metrics_port=0)).start()
         try:
             pair = render_pair(1, SceneConfig(height=96, width=128))
             with ChangeDetectionClient(server.address) as client:

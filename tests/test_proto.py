@@ -51,3 +51,29 @@ def test_proto_package_and_service() -> None:
     assert {"DetectChange", "DetectChangeStream", "ListModels", "GetModel"} <= set(
         service.methods_by_name
     )
+
+
+def test_check_covers_the_vendored_kserve_proto(tmp_path: Path) -> None:
+    shutil.copytree(ROOT / "proto", tmp_path / "proto")
+    shutil.copytree(ROOT / "serving" / "api", tmp_path / "serving" / "api")
+    proto = tmp_path / "proto" / "kserve" / "grpc_predict_v2.proto"
+    proto.write_text(proto.read_text().replace("bool live = 1;", "bool live = 1;\n  bool x = 9;"))
+    out = _check(tmp_path)
+    assert out.returncode == 1
+    assert "grpc_predict_v2_pb2.py" in out.stderr
+
+
+def test_kserve_proto_keeps_its_licence_and_lives_in_a_private_pool() -> None:
+    """Vendored verbatim (Apache-2.0 header kept); its `inference` package must not take the
+    default pool, where tritonclient's grpc_service.proto defines the same names."""
+    from google.protobuf import descriptor_pool
+
+    from serving.api import grpc_predict_v2_pb2 as kpb
+
+    text = (ROOT / "proto" / "kserve" / "grpc_predict_v2.proto").read_text()
+    assert text.startswith("// Copyright 2020 kubeflow.org.") and "Apache License" in text
+    service = kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    assert service.full_name == "inference.GRPCInferenceService"
+    assert kpb.DESCRIPTOR.pool is kpb.POOL is not descriptor_pool.Default()
+    with pytest.raises(KeyError):
+        descriptor_pool.Default().FindFileByName(kpb.DESCRIPTOR.name)

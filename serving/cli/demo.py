@@ -65,7 +65,9 @@ def demo(out: Path, models_dir: Path | None) -> None:
     from serving.quality import binary_scores
     from serving.server import create_server
 
-    settings = ServerSettings(port=0, **({"models_dir": models_dir} if models_dir else {}))
+    settings = ServerSettings(
+        port=0, metrics_port=-1, **({"models_dir": models_dir} if models_dir else {})
+    )
     try:
         server = create_server(settings).start()
     except RareChangeError as exc:

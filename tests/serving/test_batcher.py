@@ -289,24 +289,25 @@ def test_result_timeout_cancels_the_rest(gated: tuple[Model, DynamicBatcher]) ->
 # failures
 
 
-def test_failing_batch_fails_only_its_jobs(gated: tuple[Model, DynamicBatcher]) -> None:
+def test_failing_batch_fails_only_the_bad_request(gated: tuple[Model, DynamicBatcher]) -> None:
     model, batcher = gated
     model.fail_on = -1.0
     a = batcher.submit(*patches([1, 2]))
     poison = batcher.submit(*patches([-1.0]))
     model.release.set()
-    for job in (a, poison):
-        with pytest.raises(RuntimeError) as info:
-            _result(job)
-        err = info.value
-        assert type(err) is RuntimeError and not isinstance(err, RareChangeError)
-        assert str(err) == "inference failed"  # nothing of the backend's message leaks
-        assert isinstance(err.__cause__, ValueError)
-        assert "secret" in str(err.__cause__)
+    # they shared a batch that failed; each is retried alone, so only the poison fails
+    assert np.array_equal(_result(a), [1, 2])
+    with pytest.raises(RuntimeError) as info:
+        _result(poison)
+    err = info.value
+    assert type(err) is RuntimeError and not isinstance(err, RareChangeError)
+    assert str(err) == "inference failed"  # nothing of the backend's message leaks
+    assert isinstance(err.__cause__, ValueError)
+    assert "secret" in str(err.__cause__)
     # the worker survived and later jobs succeed
     later = batcher.submit(*patches([3, 4]))
     assert np.array_equal(_result(later), [3, 4])
-    assert model.sizes == [1, 3, 2]
+    assert model.sizes == [1, 3, 2, 1, 2]
 
 
 def test_a_failing_batch_leaves_other_batches_alone() -> None:
@@ -438,3 +439,42 @@ def test_a_failing_metrics_callback_does_not_stop_the_worker() -> None:
     with DynamicBatcher([echo], max_batch_size=2, max_queue_delay_us=0, on_batch=on_batch) as b:
         for value in (1.0, 2.0, 3.0):
             assert np.array_equal(_result(b.submit(*patches([value]))), [value])
+
+
+def test_on_queued_reports_each_job_once_and_on_batch_each_batch(
+    gated: tuple[Model, DynamicBatcher],
+) -> None:
+    model, batcher = gated
+    queued: list[float] = []
+    batches: list[int] = []
+    batcher.on_queued = queued.append
+    batcher.on_batch = lambda n, s: batches.append(n)
+    # the gate job is already in the model; a 12-patch job spans two batches of at most 8
+    jobs = [batcher.submit(*patches(list(range(10, 22)))), batcher.submit(*patches([5]))]
+    model.release.set()
+    for job in jobs:
+        _result(job)
+    assert len(queued) == 2 and all(q >= 0 for q in queued)  # not the gate job: batched before
+    assert batches == model.sizes == [1, 8, 5]  # the gate, then 13 patches in batches of <= 8
+
+
+def test_warm_up_runs_one_full_batch_on_every_instance_and_reports_nothing() -> None:
+    calls: list[list[tuple[tuple[int, ...], str, bool]]] = [[], []]
+
+    def instance(i: int):
+        def infer(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+            calls[i].append((before.shape, before.dtype.name, not before.any() and not after.any()))
+            return np.zeros(len(before), np.float32)
+
+        return infer
+
+    seen: list[float] = []
+    batcher = DynamicBatcher(
+        [instance(0), instance(1)],
+        max_batch_size=4,
+        on_batch=lambda n, s: seen.append(n),
+        on_queued=seen.append,
+    )
+    batcher.warm_up((3, 2, 2), "uint8")  # before start: it needs no worker thread
+    assert calls == [[((4, 3, 2, 2), "uint8", True)]] * 2
+    assert seen == []

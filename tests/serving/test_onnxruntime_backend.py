@@ -7,12 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 from onnx import numpy_helper
 
 from serving.backends.onnxruntime import OnnxRuntimeBackend
+from serving.config import ServerSettings
 from serving.errors import ModelLoadError
 from serving.metadata import KEY_PREFIX
+from serving.models import ModelRepository
 
 BUNDLED = Path(__file__).resolve().parents[2] / "models" / "synthetic-thin" / "model.onnx"
 
@@ -121,3 +124,45 @@ def test_metadata_that_contradicts_the_graph_is_refused(tmp_path: Path) -> None:
     set_prop(model, "recommended_stride", 16)
     with pytest.raises(ModelLoadError, match="shape"):
         OnnxRuntimeBackend(save(model, tmp_path))
+
+
+# ---------------------------------------------------------------------- execution providers
+AVAILABLE = ort.get_available_providers()
+
+
+def test_cpu_provider() -> None:
+    with OnnxRuntimeBackend(BUNDLED, providers="cpu") as backend:
+        assert backend.provider == "CPUExecutionProvider"
+
+
+def test_auto_takes_the_best_provider_available() -> None:
+    best = next(
+        p
+        for p in ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
+        if p in AVAILABLE
+    )
+    with OnnxRuntimeBackend(BUNDLED, providers="auto") as backend:
+        assert backend.provider == best
+
+
+@pytest.mark.parametrize(
+    ("choice", "provider"),
+    [("cuda", "CUDAExecutionProvider"), ("tensorrt", "TensorrtExecutionProvider")],
+)
+def test_a_gpu_provider_asked_for_but_missing_fails_loudly(choice: str, provider: str) -> None:
+    if provider in AVAILABLE:
+        pytest.skip(f"{provider} is available here")
+    with pytest.raises(ModelLoadError, match=provider) as err:
+        OnnxRuntimeBackend(BUNDLED, providers=choice)
+    assert "rarechange[gpu]" in str(err.value)
+
+
+def test_the_repository_passes_the_providers_setting_through(tmp_path: Path) -> None:
+    if "CUDAExecutionProvider" in AVAILABLE:
+        pytest.skip("CUDA is available here")
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "model.onnx").write_bytes(BUNDLED.read_bytes())
+    settings = ServerSettings(models_dir=tmp_path, providers="cuda", metrics_port=-1)
+    with pytest.raises(ModelLoadError, match="providers=cuda needs ONNX Runtime's CUDA"):
+        ModelRepository.load(settings)

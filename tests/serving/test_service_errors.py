@@ -221,3 +221,13 @@ def test_a_16k_by_16k_pair_streams_in_chunks(servers) -> None:
     # the largest region reported is where the change is (at this model's 512 px resolution)
     assert box.row <= 5300 < box.row + box.height and box.col <= 9400 < box.col + box.width
     assert box.height <= 2048 and box.width <= 2048
+
+
+def test_a_call_without_a_deadline_is_served(servers) -> None:
+    """gRPC reports "no deadline" as a time centuries away; it must not break the timed waits."""
+    server = servers(mean_abs_diff)
+    before, after = pair()
+    request = pb.DetectChangeRequest(before=image_message(before), after=image_message(after))
+    with ChangeDetectionClient(server.address) as client:
+        response = client.stub.DetectChange(request)  # no timeout at all
+    assert response.height == 96 and response.width == 96
