@@ -221,6 +221,7 @@ class DynamicBatcher:
 
     def _isolate(self, infer: InferFn, slices: list[tuple[Job, int, int]]) -> None:
         for job, a, b in slices:
+            t0 = time.perf_counter()
             try:
                 out = np.asarray(infer(job.before[a:b], job.after[a:b]), dtype=np.float32)
                 out = out.reshape(-1)
@@ -231,7 +232,10 @@ class DynamicBatcher:
                 job.error = job.error or self._public_error(exc)
                 job.done.set()
                 continue
+            spent = time.perf_counter() - t0
+            self._notify(self.on_batch, b - a, spent)  # a retry is an execution like any other
             job.probabilities[a:b] = out
+            job.inference_s += spent
             job.remaining -= b - a
             if job.remaining == 0 or job.error is not None:
                 job.done.set()
