@@ -13,7 +13,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+import shutil
 import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -116,10 +118,18 @@ def latent_distance_auroc(encoder: torch.nn.Module, test: PatchSet) -> float:
 
 class Table3:
     def __init__(
-        self, settings: Table3Settings, results_dir: Path, work_dir: Path, progress: bool = True
+        self,
+        settings: Table3Settings,
+        results_dir: Path,
+        work_dir: Path,
+        progress: bool = True,
+        name: str = "table3",
     ) -> None:
+        """``name`` keeps tables of other protocols (e.g. longer pre-training) apart:
+        RESULTS/<name>.md, RESULTS/<name>.json and RESULTS/<name>_cells/."""
         self.s = settings
-        self.cells_dir = results_dir / "table3_cells"
+        self.name = name
+        self.cells_dir = results_dir / f"{name}_cells"
         self.results_dir = results_dir
         self.work_dir = work_dir
         self.progress = progress
@@ -219,6 +229,7 @@ class Table3:
         cfg = replace(
             self.train_config(seed, self.s.budgets[0]), similarity="jeffrey" if with_sim else "none"
         )
+        self._continue_shorter(run_dir, variant, seed, tag)
         torch.manual_seed(seed)
         vae = DisentangledVAE(MNIST_MODEL)
         t0 = time.perf_counter()
@@ -237,6 +248,31 @@ class Table3:
         )
         return vae
 
+    def _continue_shorter(self, run_dir: Path, variant: str, seed: int, tag: str) -> None:
+        """Start a longer pre-training from a finished shorter one of the same protocol.
+
+        Every epoch draws its batches from (seed, stage, epoch) and the checkpoint holds the
+        optimiser, so continuing 4 finished epochs to 16 gives exactly a fresh 16-epoch run.
+        """
+        target = run_dir / "pretrain_last.pt"
+        if target.exists():
+            return
+        for epochs in range(math.ceil(self.s.pretrain_epochs) - 1, 0, -1):
+            shorter = replace(self.s, pretrain_epochs=float(epochs)).digest()
+            src = self.work_dir / shorter / variant / f"s{seed}" / tag
+            if (src / "pretrain_last.pt").exists():
+                log.info(
+                    "%s %s seed %d: continuing the finished %d-epoch pre-training",
+                    variant,
+                    tag,
+                    seed,
+                    epochs,
+                )
+                shutil.copy(src / "pretrain_last.pt", target)
+                if (src / "metrics.jsonl").exists():
+                    shutil.copy(src / "metrics.jsonl", run_dir / "metrics.jsonl")
+                return
+
     # ------------------------------------------------------------------ summary
     def records(self) -> list[dict]:
         if not self.cells_dir.is_dir():
@@ -251,9 +287,9 @@ class Table3:
     def write_summary(self, command: str | None = None) -> None:
         records = self.records()
         table = []
-        for variant in VARIANTS:
-            for positives in BUDGETS:
-                for method in METHODS:
+        for variant in self.s.variants:
+            for positives in self.s.budgets:
+                for method in self.s.methods:
                     cell = [
                         r
                         for r in records
@@ -281,7 +317,7 @@ class Table3:
         pretrain_info = [json.loads(p.read_text()) for p in pre]
         pretrain_info = [p for p in pretrain_info if p.get("protocol") == self.digest]
         write_json(
-            self.results_dir / "table3.json",
+            self.results_dir / f"{self.name}.json",
             {
                 "protocol": self.digest,
                 "settings": asdict(self.s),
@@ -290,7 +326,7 @@ class Table3:
                 "pretraining": pretrain_info,
             },
         )
-        (self.results_dir / "table3.md").write_text(
+        (self.results_dir / f"{self.name}.md").write_text(
             render_markdown(table, self.s, seconds, pretrain_info, command)
         )
 
@@ -305,10 +341,11 @@ def render_markdown(
         "# Table 3 reproduced: change-detection accuracy (%) on Augmented MNIST",
         "",
         "Real MNIST (`../shared/data/mnist`); MNIST-B backgrounds are grey crops of the SZTAKI "
-        "aerial photographs (natural texture). Training: 100,000 negative pairs and 50 / 500 / "
-        "32,000 positive pairs from the training split, drawn anew per seed; test: 50,000 + 50,000 "
-        "pairs from the test split, the same for every cell. Accuracy at threshold 0.5 on that "
-        "balanced test set; mean (std) over seeds.",
+        "aerial photographs (natural texture). Training: "
+        f"{s.n_negative:,} negative pairs and {' / '.join(f'{b:,}' for b in s.budgets)} positive "
+        "pairs from the training split, drawn anew per seed; test: "
+        f"{s.n_test_per_class:,} + {s.n_test_per_class:,} pairs from the test split, the same for "
+        "every cell. Accuracy at threshold 0.5 on that balanced test set; mean (std) over seeds.",
         "",
         f"Command: `{command or default_command}`",
         f"Seeds: {seeds}. Pre-training: {s.pretrain_epochs:g} epochs over the "
@@ -319,13 +356,15 @@ def render_markdown(
         "| VAE w/ sim. (ours) | paper (ours) |",
         "|---|---|---|---|---|---|---|",
     ]
-    for variant in VARIANTS:
-        for i, positives in enumerate(BUDGETS):
+    for variant in s.variants:
+        for positives in s.budgets:
             row = [variant, f"{positives:,}"]
             for method in METHODS:
                 r = by.get((variant, positives, method))
                 row.append(f"{r['mean']:.2f} ({r['std']:.2f}) n={len(r['values'])}" if r else "—")
-            row.append(f"{PAPER_OURS[variant][i]:.2f}")
+            paper = PAPER_OURS.get(variant)
+            i = BUDGETS.index(positives) if positives in BUDGETS else None
+            row.append(f"{paper[i]:.2f}" if paper and i is not None else "—")
             lines.append("| " + " | ".join(row) + " |")
     if pretrain:
         lines += [
