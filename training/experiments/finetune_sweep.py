@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -52,10 +53,20 @@ def main() -> None:
     parser.add_argument("--n-validation", type=int, default=5000, help="per class")
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "table3")
     parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "finetune_sweep")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--pretrain-epochs",
+        type=float,
+        default=Table3Settings.pretrain_epochs,
+        help="longer than the table's: continues its finished pre-training (same result as a "
+        "fresh run, since epochs are deterministic and checkpoints hold the optimiser)",
+    )
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
-    settings = Table3Settings(seeds=(args.seed,))
+    settings = Table3Settings(seeds=(args.seed,), pretrain_epochs=args.pretrain_epochs)
     table = Table3(settings, ROOT / "docs" / "results", args.work, progress=False)
     negatives, all_pos = split_pairs(
         args.variant, args.seed, settings.n_negative, max(settings.budgets)
@@ -66,6 +77,10 @@ def main() -> None:
     ).to_patchset()
     # the driver's own stage-1 run folder: resumed, so a finished pre-training is just loaded
     run_dir = args.work / table.digest / args.variant / f"s{args.seed}" / "with_sim"
+    table_dir = args.work / Table3Settings().digest() / args.variant / f"s{args.seed}" / "with_sim"
+    if not (run_dir / "pretrain_last.pt").exists() and (table_dir / "pretrain_last.pt").exists():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy(table_dir / "pretrain_last.pt", run_dir / "pretrain_last.pt")
     torch.manual_seed(args.seed)
     vae = DisentangledVAE(MNIST_MODEL)
     stage1 = replace(table.train_config(args.seed, settings.budgets[0]), similarity="jeffrey")
@@ -75,7 +90,10 @@ def main() -> None:
     for item in args.candidates.split(","):
         steps_text, scale_text = item.split(":")
         steps, scale = int(steps_text), float(scale_text)
-        name = f"{args.variant}_{args.positives}_s{args.seed}_steps{steps}_enc{scale:g}.json"
+        name = f"{args.variant}_{args.positives}_s{args.seed}_steps{steps}_enc{scale:g}"
+        if args.pretrain_epochs != Table3Settings.pretrain_epochs:
+            name += f"_pre{args.pretrain_epochs:g}"
+        name += ".json"
         path = args.out / name
         if path.exists():
             log.info("%s done: %s", name, json.loads(path.read_text())["validation_accuracy"])
@@ -103,6 +121,7 @@ def main() -> None:
                 "validation_auroc": scores["auroc"],
                 "n_validation_per_class": args.n_validation,
                 "validation_seed": VALIDATION_SEED,
+                "pretrain_epochs": args.pretrain_epochs,
                 "seconds": round(time.perf_counter() - t0, 1),
                 "train_config": asdict(cfg),
             },

@@ -1,0 +1,123 @@
+"""Change vector analysis: Otsu against hand-computed splits, standardisation, the baseline."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from training.baselines.cva import change_magnitude, cva, otsu_threshold, standardise
+
+
+def brute_force_otsu(values: np.ndarray) -> float:
+    """Every split between distinct values; the one of largest w0 w1 (mu0 - mu1)^2, first wins."""
+    v = np.sort(np.asarray(values, np.float64))
+    best, best_t = -1.0, float(v[-1])
+    for t in np.unique(v)[:-1]:
+        low, high = v[v <= t], v[v > t]
+        between = len(low) * len(high) * (low.mean() - high.mean()) ** 2
+        if between > best:
+            best, best_t = between, float(t)
+    return best_t
+
+
+@pytest.mark.parametrize(
+    ("values", "expected"),
+    [
+        # splits (w0 w1 (mu0 - mu1)^2): {0,0}|{1,5,5,6} 144.5, {0,0,1}|{5,5,6} 225, {..5}|{6} 72.2
+        ([0, 0, 1, 5, 5, 6], 1.0),
+        # {0,0,0,0}|{3,4,8}: 4*3*5^2 = 300 beats {..,3}|{4,8} 291.6 and {..,4}|{8} 280.2:
+        # not the widest gap (4 -> 8)
+        ([0, 0, 0, 0, 3, 4, 8], 0.0),
+        ([2.5, 7.5], 2.5),
+    ],
+)
+def test_otsu_hand_computed(values: list[float], expected: float) -> None:
+    assert otsu_threshold(np.array(values)) == expected
+    assert brute_force_otsu(np.array(values)) == expected
+
+
+def test_otsu_matches_brute_force_when_each_value_has_its_own_bin() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        values = rng.choice(np.arange(0, 40, dtype=np.float64), size=60)  # 40 levels, 256 bins
+        assert otsu_threshold(values) == brute_force_otsu(values)
+
+
+def test_otsu_bimodal_and_degenerate_cases() -> None:
+    rng = np.random.default_rng(0)
+    values = np.concatenate([rng.normal(1, 0.2, 900), rng.normal(5, 0.3, 100)])
+    t = otsu_threshold(values)
+    assert 1.5 < t < 4.0 and t in values  # a value of the lower class
+    assert otsu_threshold(np.full(7, 3.0)) == 3.0  # constant: nothing above it
+    assert otsu_threshold(np.array([1.0, np.nan, 2.0, 9.0])) == 2.0  # NaN ignored
+    with pytest.raises(ValueError, match="no finite"):
+        otsu_threshold(np.array([np.nan]))
+    with pytest.raises(ValueError, match="bins"):
+        otsu_threshold(np.arange(4.0), bins=1)
+
+
+def test_standardise_per_band_and_constant_band() -> None:
+    image = np.zeros((2, 2, 2), np.uint16)
+    image[..., 0] = [[0, 2], [0, 2]]
+    image[..., 1] = 7  # constant: zero deviations, no division by zero
+    z = standardise(image)
+    assert np.array_equal(z[..., 0], [[-1, 1], [-1, 1]])
+    assert np.array_equal(z[..., 1], np.zeros((2, 2)))
+
+
+def test_magnitude_hand_computed() -> None:
+    before = np.array([[[0, 0], [2, 2]]], np.uint8)  # (1, 2, 2): two pixels, two bands
+    after = np.array([[[2, 0], [0, 2]]], np.uint8)
+    # band 0: z before [-1, 1], after [1, -1] -> difference [2, -2]; band 1: no difference
+    assert np.allclose(change_magnitude(before, after), [[2.0, 2.0]])
+
+
+def test_global_gain_and_offset_are_not_change() -> None:
+    rng = np.random.default_rng(1)
+    before = rng.integers(0, 200, (40, 50, 3)).astype(np.uint16)
+    after = before * 3 + 100  # illumination: another gain and offset per date
+    assert np.array_equal(change_magnitude(before, after), np.zeros((40, 50)))  # no rounding
+    assert not cva(before, after).mask.any()
+
+
+def test_cva_finds_a_planted_change() -> None:
+    rng = np.random.default_rng(2)
+    before = rng.normal(100, 5, (64, 64, 4)).clip(0, 255).astype(np.uint8)
+    after = (before.astype(np.int16) + rng.normal(0, 5, before.shape)).clip(0, 255)
+    after = after.astype(np.uint8)
+    after[20:36, 30:50] = [220, 30, 30, 220]
+    truth = np.zeros((64, 64), bool)
+    truth[20:36, 30:50] = True
+    r = cva(before, after)
+    assert r.probability.dtype == np.float32 and r.probability.shape == (64, 64)
+    assert r.probability.min() == 0.0 and r.probability.max() == 1.0
+    assert np.array_equal(r.mask, r.magnitude > r.threshold)
+    tp = (r.mask & truth).sum()
+    assert tp / truth.sum() > 0.99 and tp / r.mask.sum() > 0.95
+    # the threshold on the probability scale splits the same way (away from rounding)
+    away = np.abs(r.probability - r.probability_threshold) > 1e-6
+    assert np.array_equal((r.probability > r.probability_threshold)[away], r.mask[away])
+
+
+def test_cva_of_identical_images_is_empty() -> None:
+    image = np.arange(2 * 3 * 3, dtype=np.uint8).reshape(2, 3, 3)
+    r = cva(image, image)
+    assert not r.mask.any() and np.array_equal(r.probability, np.zeros((2, 3), np.float32))
+
+
+def test_cva_uses_every_band_alike() -> None:
+    """The same relative change in any one band, whatever its range, gives the same magnitude."""
+    base = np.tile(np.arange(8, dtype=np.uint16), (8, 1))[..., None].repeat(3, axis=2)
+    base[..., 1] *= 1000  # a band with 1000 times the range
+    magnitudes = []
+    for band in range(3):
+        after = base.copy()
+        after[0, 0, band] = after[0, 7, band]  # one pixel moved to the far end of its band
+        magnitudes.append(change_magnitude(base, after)[0, 0])
+    assert magnitudes[0] > 0 and magnitudes == pytest.approx([magnitudes[0]] * 3, rel=1e-9)
+
+
+def test_bins_do_not_matter_while_levels_stay_apart() -> None:
+    values = np.array([0, 1, 1, 2, 9, 10, 10, 11], np.float64)
+    for bins in (16, 64, 256, 1024):
+        assert otsu_threshold(values, bins) == 2.0
