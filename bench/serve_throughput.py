@@ -1,9 +1,10 @@
 """Serving throughput: the ONNX Runtime session alone vs the gRPC service at rising concurrency,
 and dynamic batching vs ``max_batch_size`` 1.
 
-Many small requests: each is a 128x128 pair scored at stride = patch size, so 16 patch pairs
-(synthetic-thin: 32x32 patches), far fewer than a batch. Throughput then depends on the batcher
-packing patches of concurrent requests into one session run, which is what this measures.
+Requests as clients send them: by default a 256x256 tile pair at the model's recommended stride
+(synthetic-thin: 1,225 patch pairs of 32x32), so that several requests share each batch.
+``--size 128 --stride 32`` gives many small requests (16 patch pairs each), where the per-request
+Python cost dominates.
 
 * "session alone": one ONNX Runtime session per instance scoring batches of ``max_batch_size``
   in a loop: the limit the service could reach. The same at batch 1 bounds what dynamic
@@ -21,7 +22,7 @@ side breakdown (mean batch size, queue and inference time) comes from its /metri
 request one from the timings every response carries.
 
 Usage: python bench/serve_throughput.py [--seconds 3] [--rounds 3] [--max-batch-size 256] ...
-(``--stride 8`` instead: 361 patch pairs a request, to see the per-request cost amortised).
+
 """
 
 from __future__ import annotations
@@ -223,8 +224,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--size", type=int, default=128, help="pair height and width")
-    parser.add_argument("--stride", type=int, default=0, help="0: the patch size")
+    parser.add_argument("--size", type=int, default=256, help="pair height and width")
+    parser.add_argument("--stride", type=int, default=0, help="0: the model's recommended stride")
     parser.add_argument("--concurrency", default="1,4,16,64", help="client threads per point")
     parser.add_argument("--seconds", type=float, default=3.0, help="measurement window per point")
     parser.add_argument("--ramp", type=float, default=0.5, help="unmeasured start of each point")
@@ -243,7 +244,7 @@ def main() -> None:
 
     model = ROOT / "models" / MODEL / "model.onnx"
     meta = OnnxRuntimeBackend(model).metadata
-    stride = args.stride or meta.patch_size
+    stride = args.stride or meta.recommended_stride
     scene = render_pair(3, SceneConfig(height=args.size, width=args.size, n_changes=1))
     request = pb.DetectChangeRequest(
         before=image_message(scene.before),

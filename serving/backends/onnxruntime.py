@@ -121,6 +121,10 @@ class OnnxRuntimeBackend:
         opts.intra_op_num_threads = intra_op_threads
         opts.inter_op_num_threads = inter_op_threads
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        # no busy-waiting between batches: a served session runs intermittently, and spinning
+        # threads would take the cores that decode, tile and stitch the other requests
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        opts.add_session_config_entry("session.inter_op.allow_spinning", "0")
         data, self.metadata = read_verified_model(path)
         if providers is None:
             wanted: ProviderList = [CPU]
