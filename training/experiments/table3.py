@@ -312,7 +312,10 @@ class Table3:
                             "auroc_mean": round(statistics.fmean(r["auroc"] for r in cell), 2),
                         }
                     )
-        seconds = sum(r["seconds"] for r in records)
+        seconds = {
+            seed: sum(r["seconds"] for r in records if r["seed"] == seed)
+            for seed in sorted({r["seed"] for r in records})
+        }
         pre = sorted(self.cells_dir.glob("pretrain_*.json")) if self.cells_dir.is_dir() else []
         pretrain_info = [json.loads(p.read_text()) for p in pre]
         pretrain_info = [p for p in pretrain_info if p.get("protocol") == self.digest]
@@ -332,7 +335,11 @@ class Table3:
 
 
 def render_markdown(
-    table: list[dict], s: Table3Settings, seconds: float, pretrain: list[dict], command: str | None
+    table: list[dict],
+    s: Table3Settings,
+    seconds: dict[int, float],
+    pretrain: list[dict],
+    command: str | None,
 ) -> str:
     by = {(r["variant"], r["positives"], r["method"]): r for r in table}
     seeds = ",".join(map(str, s.seeds))
@@ -348,9 +355,12 @@ def render_markdown(
         "every cell. Accuracy at threshold 0.5 on that balanced test set; mean (std) over seeds.",
         "",
         f"Command: `{command or default_command}`",
-        f"Seeds: {seeds}. Pre-training: {s.pretrain_epochs:g} epochs over the "
-        f"negatives. Compute so far: {seconds / 60:.0f} min of fine-tuning and evaluation cells "
-        "(pre-training time is in table3.json).",
+        "What was reached and missed, and why: [table3_discussion.md](table3_discussion.md).",
+        f"Seeds: {seeds}. Pre-training: {s.pretrain_epochs:g} epochs over the negatives. "
+        f"Wall time on 2 CPU cores, all cells: {sum(seconds.values()) / 60:.0f} min ("
+        + ", ".join(f"seed {k}: {v / 60:.0f} min" for k, v in seconds.items())
+        + "; a VAE cell that first needs its pre-training includes it; other jobs shared the "
+        "cores at times, so the least contended seed is the best estimate per seed).",
         "",
         "| variant | positives | under-sampling | over-sampling | VAE w/o sim. "
         "| VAE w/ sim. (ours) | paper (ours) |",
