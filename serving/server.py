@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 import signal
-import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass
 
@@ -144,13 +144,19 @@ def create_server(
 def serve(settings: ServerSettings) -> None:
     """Run until SIGTERM or SIGINT, then drain."""
     server = create_server(settings).start()
-    stop = threading.Event()
+    received: list[int] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, lambda *_: stop.set())
+        # the handler only records the signal: it runs in the main thread whenever that thread
+        # next executes Python, and must not take a lock the main thread might hold
+        signal.signal(sig, lambda signum, _frame: received.append(signum))
     # the address stays the last word: scripts and tests read it from this line
     print(f"rarechange ({server.security}) serving on {server.address}", flush=True)
     if server.metrics_port is not None:
         print(f"metrics on http://{settings.host}:{server.metrics_port}/metrics", flush=True)
-    stop.wait()
+    # poll, never block forever: the kernel may deliver SIGTERM to any of the server's threads,
+    # and a main thread blocked in a lock would then never run the handler (the drain would be
+    # skipped until the orchestrator kills the pod)
+    while not received:
+        time.sleep(0.1)
     log.info("signal received, draining for up to %.1f s", settings.grace_s)
     server.stop()
