@@ -1,8 +1,10 @@
 """Checkpoint -> self-describing ONNX model: the only place that knows both torch and ONNX.
 
-The graph takes the raw patches as serving holds them (uint8, (N, C, P, P) per date) and does the
-scaling itself, so no pre-processing is duplicated outside the model. Only the common-feature path
-of the encoder and the classifier are exported; the decoder is not needed to score pairs.
+The graph takes the raw patches as serving holds them ((N, C, P, P) per date, in the dtype the
+checkpoint's input scaling names: uint8 photos, uint16 reflectance) and does the scaling itself,
+exactly as training did, so no pre-processing is duplicated outside the model. Only the
+common-feature path of the encoder and the classifier are exported; the decoder is not needed to
+score pairs.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from torch import nn
 from serving.integrity import weights_sha256
 from serving.metadata import INPUT_NAMES, OUTPUT_NAME, ModelMetadata, TrainingData
 from training.model import ChangeDetector
-from training.train import detector_from_checkpoint, load_checkpoint
+from training.train import InputScaling, detector_from_checkpoint, load_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -37,17 +39,27 @@ class ExportError(RuntimeError):
 
 
 class RawInputDetector(nn.Module):
-    """Wraps the detector with the input scaling: (x - offset) * scale, inside the graph."""
+    """Wraps the detector with the input scaling: (x - offset) * scale, clipped to ``clip`` when
+    set (training's :func:`training.train.to_unit`), inside the graph."""
 
-    def __init__(self, detector: ChangeDetector, offset: float, scale: float) -> None:
+    def __init__(
+        self,
+        detector: ChangeDetector,
+        offset: float,
+        scale: float,
+        clip: tuple[float, float] | None = None,
+    ) -> None:
         super().__init__()
         self.detector = detector
         self.offset = offset
         self.scale = scale
+        self.clip = clip
 
     def forward(self, before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
         b = (before.to(torch.float32) - self.offset) * self.scale  # (N, C, P, P)
         a = (after.to(torch.float32) - self.offset) * self.scale  # (N, C, P, P)
+        if self.clip is not None:
+            b, a = b.clamp(*self.clip), a.clamp(*self.clip)
         return self.detector(b, a)  # (N,)
 
 
@@ -102,8 +114,21 @@ def source_commit(root: Path | None = None) -> str:
     return sha + ("-dirty" if dirty else "")
 
 
-def to_onnx_bytes(wrapper: RawInputDetector, channels: int, patch: int) -> bytes:
-    example = torch.zeros(2, channels, patch, patch, dtype=torch.uint8)
+# ONNX input element types; the torch exporter cannot trace uint16, so those graphs are traced
+# with int32 (the first op is a Cast to float either way) and their inputs retyped afterwards
+_EXAMPLE_DTYPES = {"uint8": torch.uint8, "uint16": torch.int32, "float32": torch.float32}
+_ONNX_TYPES = {
+    "uint8": onnx.TensorProto.UINT8,
+    "uint16": onnx.TensorProto.UINT16,
+    "float32": onnx.TensorProto.FLOAT,
+}
+
+
+def to_onnx_bytes(
+    wrapper: RawInputDetector, channels: int, patch: int, input_dtype: str = "uint8"
+) -> bytes:
+    """The wrapper as ONNX with (batch, C, P, P) inputs of ``input_dtype``."""
+    example = torch.zeros(2, channels, patch, patch, dtype=_EXAMPLE_DTYPES[input_dtype])
     buf = io.BytesIO()
     torch.onnx.export(
         wrapper,
@@ -119,7 +144,15 @@ def to_onnx_bytes(wrapper: RawInputDetector, channels: int, patch: int) -> bytes
         opset_version=OPSET,
         dynamo=False,
     )
-    return buf.getvalue()
+    if input_dtype != "uint16":
+        return buf.getvalue()
+    model = onnx.load_from_string(buf.getvalue())
+    for inp in model.graph.input:
+        consumers = [n for n in model.graph.node if inp.name in n.input]
+        if any(n.op_type != "Cast" for n in consumers):
+            raise ExportError(f"input {inp.name!r} feeds more than a Cast; cannot retype it")
+        inp.type.tensor_type.elem_type = _ONNX_TYPES[input_dtype]
+    return model.SerializeToString()
 
 
 def check_parity(
@@ -136,7 +169,7 @@ def check_parity(
     wrapper.eval()
     for before, after in inputs:
         with torch.no_grad():
-            ref = wrapper(torch.from_numpy(before), torch.from_numpy(after)).numpy()
+            ref = wrapper(_torch_input(before), _torch_input(after)).numpy()
         got = session.run([OUTPUT_NAME], {INPUT_NAMES[0]: before, INPUT_NAMES[1]: after})[0]
         if got.shape != ref.shape:
             raise ExportError(f"ONNX output shape {got.shape} differs from PyTorch {ref.shape}")
@@ -148,19 +181,32 @@ def check_parity(
     return worst
 
 
+def _torch_input(x: np.ndarray) -> torch.Tensor:
+    """numpy patches for the PyTorch side; uint16 widened (torch has no uint16 arithmetic)."""
+    return torch.from_numpy(x.astype(np.int32) if x.dtype == np.uint16 else x)
+
+
 def parity_inputs(
-    channels: int, patch: int, real: list[tuple[np.ndarray, np.ndarray]] | None, seed: int = 0
+    channels: int,
+    patch: int,
+    real: list[tuple[np.ndarray, np.ndarray]] | None,
+    seed: int = 0,
+    scaling: InputScaling | None = None,
 ) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Random uint8 batches of several sizes, plus real patch pairs when given."""
+    """Random batches of several sizes over the input range (uint8: 0-255), plus real patch
+    pairs when given."""
     rng = np.random.default_rng(seed)
-    out = [
-        (
-            rng.integers(0, 256, (n, channels, patch, patch), dtype=np.uint8),
-            rng.integers(0, 256, (n, channels, patch, patch), dtype=np.uint8),
-        )
-        for n in (1, 7, 64)
-    ]
-    return out + list(real or [])
+    scaling = scaling or InputScaling()
+    lo, hi = scaling.input_range
+
+    def draw(n: int) -> np.ndarray:
+        shape = (n, channels, patch, patch)
+        if scaling.input_dtype == "float32":
+            return rng.uniform(lo, hi, shape).astype(np.float32)
+        dtype = np.dtype(scaling.input_dtype)
+        return rng.integers(int(lo), int(hi) + 1, shape, dtype=dtype)
+
+    return [(draw(n), draw(n)) for n in (1, 7, 64)] + list(real or [])
 
 
 def export_checkpoint(
@@ -183,11 +229,14 @@ def export_checkpoint(
     detector = detector_from_checkpoint(payload)
     cfg = detector.cfg
     data = payload["data"]
-    wrapper = RawInputDetector(detector, offset=0.0, scale=1.0 / 255.0).eval()
+    scaling = InputScaling.from_payload(payload.get("input_scaling"))  # older: uint8 / 255
+    wrapper = RawInputDetector(detector, scaling.offset, scaling.scale, scaling.clip).eval()
 
-    onnx_bytes = to_onnx_bytes(wrapper, cfg.in_channels, cfg.patch_size)
+    onnx_bytes = to_onnx_bytes(wrapper, cfg.in_channels, cfg.patch_size, scaling.input_dtype)
     parity = check_parity(
-        wrapper, onnx_bytes, parity_inputs(cfg.in_channels, cfg.patch_size, real_inputs)
+        wrapper,
+        onnx_bytes,
+        parity_inputs(cfg.in_channels, cfg.patch_size, real_inputs, scaling=scaling),
     )
 
     model = onnx.load_from_string(onnx_bytes)
@@ -198,10 +247,10 @@ def export_checkpoint(
         patch_size=cfg.patch_size,
         channels=cfg.in_channels,
         band_names=tuple(data["band_names"]),
-        input_dtype="uint8",
-        input_range=(0.0, 255.0),
-        offset=0.0,
-        scale=1.0 / 255.0,
+        input_dtype=scaling.input_dtype,
+        input_range=scaling.input_range,
+        offset=scaling.offset,
+        scale=scaling.scale,
         recommended_stride=recommended_stride
         or payload.get("recommended_stride")
         or max(1, cfg.patch_size // 4),
@@ -229,7 +278,7 @@ def export_checkpoint(
     write_model_card(out_dir, metadata, parity, payload, commands or {})
     log.info("exported %s (parity %.2g)", path, parity)
     card = {
-        "payload": {k: payload.get(k) for k in ("n_positives", "n_negatives")},
+        "payload": {k: payload.get(k) for k in ("n_positives", "n_negatives", "input_scaling")},
         "commands": commands or {},
     }
     return ExportResult(path, metadata, parity, card)
@@ -250,6 +299,9 @@ def write_model_card(
     )
     lo, hi = meta.input_range
     scaling = f"(x - {meta.offset:g}) * {meta.scale:.6g}"
+    clip = ((payload or {}).get("input_scaling") or {}).get("clip")
+    if clip:  # the metadata schema has no clip field: say it here
+        scaling += f", clipped to [{clip[0]:g}, {clip[1]:g}]"
     rows = [
         ("precision", meta.precision),
         ("patch size", f"{meta.patch_size} px"),

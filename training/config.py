@@ -11,10 +11,10 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from training.model import ModelConfig
-from training.train import TrainConfig
+from training.train import InputScaling, TrainConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
@@ -44,13 +44,97 @@ class MnistData(BaseModel):
     n_test_per_class: int = Field(5000, ge=10)
 
 
+class NuisanceAugment(BaseModel):
+    """Extra negatives: copies of the training pairs with synthetic nuisances on both dates.
+
+    Each copy redraws, per date, the renderer's trivial differences (training/synthetic.py:
+    smooth illumination field, gain, colour balance, gamma, blur on one date, noise, a sub-pixel
+    shift of the after date) on top of the real ones; the change mask is kept, and only the
+    copies' unchanged patches are added (to pre-training and to the fine-tuning negatives)."""
+
+    model_config = ConfigDict(extra="forbid")
+    copies: int = Field(0, ge=0)  # augmented copies of every training pair; 0: off
+    strength: tuple[float, float] = (0.5, 1.5)  # NuisanceConfig.strength, drawn per copy
+
+    @field_validator("strength")
+    @classmethod
+    def _ordered(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1]:
+            raise ValueError(f"must be (low, high) with 0 <= low <= high, got {v}")
+        return v
+
+
+PairRef = str | Annotated[int, Field(ge=0)]  # a pair's name, or its 0-based index in load order
+SCENE_KINDS = ("sztaki", "oscd", "pcd", "folder")  # loaders that give ScenePairs (not abcd)
+
+
+class ScenesData(BaseModel):
+    """Real full-scene pairs with change masks (training/datasets), split by whole pairs.
+
+    Pre-training negatives: the unchanged patches of ``train_pairs``; fine-tuning positives:
+    their changed patches (``train.positive_fraction``; the label budget is
+    ``train.max_positives``, drawn with the seed); the mask threshold: max pixel F1 on the
+    stitched maps of ``val_pairs``, which also give the held-out patch metrics."""
+
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["scenes"] = "scenes"
+    dataset: str  # load_dataset spec: "sztaki", "oscd", "sztaki:PATH", "folder:PATH", ...
+    train_pairs: list[PairRef] | None = None  # None: every pair not in val_pairs
+    val_pairs: list[PairRef] = Field(min_length=1)  # choose the threshold, give the metrics
+    stride: int = Field(8, ge=1)  # patch stride for training patches and the served map
+    bands: list[Annotated[int, Field(ge=1)]] | None = None  # 1-based, in the model's order
+    scaling: InputScaling = InputScaling()  # raw pixels -> network input, also in the graph
+    augment: NuisanceAugment = NuisanceAugment()
+    licence: str | None = None  # for folder datasets, whose terms rarechange cannot know
+    options: dict[str, str] = Field(default_factory=dict)  # loader keywords, e.g. change_is (pcd)
+
+    @field_validator("dataset")
+    @classmethod
+    def _known_spec(cls, v: str) -> str:
+        from training.datasets.registry import parse_spec
+
+        kind, _ = parse_spec(v)  # checks the kind and that folder/pcd name a path; no disk access
+        if kind not in SCENE_KINDS:
+            raise ValueError(f"{kind} gives labelled patch pairs, not scenes with masks")
+        return v
+
+    @field_validator("bands")
+    @classmethod
+    def _distinct(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and (not v or len(set(v)) != len(v)):
+            raise ValueError(f"give distinct 1-based band numbers, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> ScenesData:
+        if self.train_pairs is not None:
+            if not self.train_pairs:
+                raise ValueError("train_pairs is empty; leave it out to train on the rest")
+            both = set(self.train_pairs) & set(self.val_pairs)
+            if both:
+                raise ValueError(f"pairs {sorted(map(str, both))} are in train_pairs and val_pairs")
+        return self
+
+
 class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = "run"
     model: ModelConfig = ModelConfig()
     train: TrainConfig = TrainConfig()
-    data: Annotated[SyntheticData | MnistData, Field(discriminator="kind")] = SyntheticData()
+    data: Annotated[SyntheticData | MnistData | ScenesData, Field(discriminator="kind")] = (
+        SyntheticData()
+    )
+
+    @model_validator(mode="after")
+    def _bands_fit_model(self) -> RunConfig:
+        d = self.data
+        if isinstance(d, ScenesData) and d.bands and len(d.bands) != self.model.in_channels:
+            raise ValueError(
+                f"data.bands selects {len(d.bands)} bands, model.in_channels is "
+                f"{self.model.in_channels}"
+            )
+        return self
 
 
 class ConfigError(ValueError):

@@ -5,21 +5,32 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from training.config import MnistData, RunConfig, SyntheticData, load_config
+from training.config import (
+    ConfigError,
+    MnistData,
+    RunConfig,
+    ScenesData,
+    SyntheticData,
+    load_config,
+)
 from training.data import PatchSet, synthetic_patches
 from training.synthetic import SceneConfig, render_pair
 from training.train import (
     DataInfo,
+    InputScaling,
     RunResult,
     balanced_test_scores,
     detector_from_checkpoint,
     load_checkpoint,
     train,
 )
+
+if TYPE_CHECKING:
+    from training.datasets.scenes import ScenePair
 
 Stage = Literal["both", "pretrain", "finetune"]
 
@@ -41,6 +52,23 @@ MNIST_DATA = DataInfo(
     "different digit class.",
     band_names=("grey",),
 )
+# what a model card must say about the real datasets (training/datasets/*.py, shared data README)
+SCENE_DATA: dict[str, tuple[str, str]] = {
+    "sztaki": (
+        "SZTAKI AirChange benchmark: aerial RGB pairs, 1.5 m/px",
+        "free for scientific use; cite Benedek and Sziranyi, IEEE TGRS 47(10) 2009 and ICPR 2008",
+    ),
+    "oscd": (
+        "Onera Satellite Change Detection (OSCD): Sentinel-2 city pairs, 10 m/px",
+        "modified Copernicus Sentinel-2 data; labels CC BY-NC-SA 4.0 (Caye Daudt et al., "
+        "IGARSS 2018)",
+    ),
+    "pcd": (
+        "PCD panoramic change detection (Sakurada and Okatani, BMVC 2015)",
+        "the release's terms of use",
+    ),
+    "folder": ("a folder of labelled pairs", "not recorded: the terms of the source data apply"),
+}
 
 
 class ConfigMismatch(ValueError):
@@ -57,6 +85,8 @@ def run(
             return _synthetic(config, out_dir, stage, progress)
         case MnistData():
             return _mnist(config, out_dir, stage, progress)
+        case ScenesData():
+            return _scenes(config, out_dir, stage, progress)
     raise ValueError(f"unknown data kind {config.data!r}")
 
 
@@ -137,11 +167,194 @@ def _mnist(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> Ru
     return result
 
 
+def load_scene_split(config: RunConfig) -> tuple[list[ScenePair], list[ScenePair]]:
+    """(training pairs, validation pairs) of a scenes run, bands selected in the model's order.
+
+    Refuses, naming the field, pairs that do not exist, overlap between the two lists, and data
+    whose band count or pixel type differ from ``model.in_channels`` and ``data.scaling``: a
+    silent conversion would train on other numbers than the exported graph will see."""
+    from training.datasets.registry import load_dataset
+
+    d = config.data
+    if not isinstance(d, ScenesData):
+        raise TypeError(f"not a scenes config: data.kind is {d.kind!r}")
+    scenes = load_dataset(d.dataset, **d.options)
+    if not isinstance(scenes, list):
+        raise ConfigError(f"data.dataset: {d.dataset} gives patch pairs, not scenes")
+    names = [s.name for s in scenes]
+
+    def resolve(refs: list[str | int], field: str) -> list[int]:
+        out = []
+        for ref in refs:
+            if isinstance(ref, int):
+                if ref >= len(scenes):
+                    raise ConfigError(f"{field}: index {ref}, but {d.dataset} has {len(scenes)}")
+                out.append(ref)
+            elif ref in names:
+                out.append(names.index(ref))
+            else:
+                raise ConfigError(f"{field}: no pair {ref!r} in {d.dataset}; have {names}")
+        if len(set(out)) != len(out):
+            raise ConfigError(f"{field}: {refs} names a pair twice")
+        return out
+
+    val = resolve(d.val_pairs, "data.val_pairs")
+    if d.train_pairs is None:
+        fit = [i for i in range(len(scenes)) if i not in val]
+    else:
+        fit = resolve(d.train_pairs, "data.train_pairs")
+    both = sorted(set(fit) & set(val))
+    if both:
+        raise ConfigError(f"data.train_pairs: {[names[i] for i in both]} are also val_pairs")
+    if not fit:
+        raise ConfigError("data.train_pairs: no training pair left after val_pairs")
+    chosen = [select_bands(s, d.bands) for s in scenes]
+    for s in (chosen[i] for i in fit + val):
+        if s.before.shape[2] != config.model.in_channels:
+            raise ConfigError(
+                f"model.in_channels is {config.model.in_channels}, pair {s.name!r} has "
+                f"{s.before.shape[2]} bands ({', '.join(s.bands)}); set data.bands"
+            )
+        if s.before.dtype != np.dtype(d.scaling.input_dtype):
+            raise ConfigError(
+                f"data.scaling.input_dtype is {d.scaling.input_dtype}, pair {s.name!r} holds "
+                f"{s.before.dtype} pixels; set data.scaling for them"
+            )
+    return [chosen[i] for i in fit], [chosen[i] for i in val]
+
+
+def select_bands(pair: ScenePair, bands: list[int] | None) -> ScenePair:
+    """The pair with only ``bands`` (1-based, in this order); all bands when None."""
+    if not bands:
+        return pair
+    if max(bands) > len(pair.bands):
+        raise ConfigError(
+            f"data.bands {bands}: pair {pair.name!r} has {len(pair.bands)} bands "
+            f"({', '.join(pair.bands)})"
+        )
+    idx = [b - 1 for b in bands]
+    return replace(
+        pair,
+        before=np.ascontiguousarray(pair.before[..., idx]),
+        after=np.ascontiguousarray(pair.after[..., idx]),
+        bands=tuple(pair.bands[i] for i in idx),
+    )
+
+
+def nuisance_copy(
+    pair: ScenePair, scaling: InputScaling, strength: float, seed: tuple[int, ...]
+) -> ScenePair:
+    """The pair with the synthetic renderer's per-date nuisances added to both dates, mask kept.
+
+    Real pairs hold only the trivial differences their dates happened to have; more of them
+    (light, colour balance, gamma, blur, noise, sub-pixel shift) on unchanged patches teach
+    pre-training and the classifier what to ignore. Applied in the model's input space clipped
+    to [0, 1] (times 255, the renderer's units), then mapped back to the native dtype. The
+    renderer draws one colour factor per RGB channel, so bands go through it in threes (the
+    last group padded with its last band), every group with the same random draws: all bands
+    share one illumination field, gain, gamma, blur, shift and noise field."""
+    from training.synthetic import NuisanceConfig, _nuisance
+
+    nc = NuisanceConfig(strength=strength)
+    rng = np.random.default_rng([*seed, 11])
+    blur = strength * nc.blur_sigma * float(rng.uniform(0, 1))
+    blur_after = bool(rng.random() < 0.5)
+    dy, dx = (strength * nc.shift_px * rng.uniform(-1, 1, 2)).tolist()
+    lo, hi = scaling.clip or (0.0, 1.0)
+    lo, hi = max(lo, 0.0), min(hi, 1.0)
+
+    def date(
+        img: np.ndarray, code: int, blur_sigma: float, shift: tuple[float, float], mild: float
+    ) -> np.ndarray:
+        unit = np.clip((img.astype(np.float32) - scaling.offset) * scaling.scale, lo, hi) * 255
+        c = unit.shape[2]
+        padded = np.concatenate([unit, np.repeat(unit[..., -1:], -c % 3, axis=2)], axis=2)
+        groups = [
+            _nuisance(
+                np.ascontiguousarray(padded[..., k : k + 3]),
+                nc,
+                np.random.default_rng([*seed, code]),
+                blur_sigma,
+                shift,
+                mild,
+            )
+            for k in range(0, padded.shape[2], 3)
+        ]
+        out = np.concatenate(groups, axis=2)[..., :c] / 255 / scaling.scale + scaling.offset
+        if np.issubdtype(img.dtype, np.integer):
+            info = np.iinfo(img.dtype)
+            out = np.clip(np.rint(out), info.min, info.max)
+        return out.astype(img.dtype)
+
+    # as render_pair: the before date milder, blur on one date, the shift on the after date
+    before = date(pair.before, 0, 0.0 if blur_after else blur, (0.0, 0.0), 0.6)
+    after = date(pair.after, 1, blur if blur_after else 0.0, (dy, dx), 1.0)
+    name = f"{pair.name}+nuisance{'-'.join(map(str, seed))}"
+    return replace(pair, name=name, before=before, after=after)
+
+
+def scene_data_info(config: RunConfig, fit: list[ScenePair], val: list[ScenePair]) -> DataInfo:
+    """Name, licence and what was used, for the checkpoint and so the model card."""
+    from training.datasets.registry import parse_spec
+
+    d = config.data
+    assert isinstance(d, ScenesData)
+    kind, path = parse_spec(d.dataset)
+    name, licence = SCENE_DATA[kind]
+    if kind == "folder":
+        name = f"{name}: {path}"
+    s = d.scaling
+    clip = f", clipped to [{s.clip[0]:g}, {s.clip[1]:g}]" if s.clip else ""
+    description = (
+        f"{d.dataset}: trained on {', '.join(p.name for p in fit)}; threshold and metrics on "
+        f"{', '.join(p.name for p in val)}; patch stride {d.stride}; {s.input_dtype} input "
+        f"scaled by (x - {s.offset:g}) * {s.scale:.6g}{clip}"
+    )
+    if d.augment.copies:
+        description += (
+            f"; {d.augment.copies} nuisance-augmented cop{'y' if d.augment.copies == 1 else 'ies'}"
+            f" of each training pair (negatives only, strength {d.augment.strength})"
+        )
+    return DataInfo(name, d.licence or licence, description, fit[0].bands)
+
+
+def _scenes(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> RunResult | None:
+    """Real pairs: training pairs give the patches, validation pairs the threshold and metrics."""
+    d = config.data
+    assert isinstance(d, ScenesData)
+    fit, val = load_scene_split(config)
+    p, pf = config.model.patch_size, config.train.positive_fraction
+    sets = [s.patches(p, d.stride, pf) for s in fit]
+    if d.augment.copies:
+        from training.datasets.scenes import unchanged_patches
+
+        rng = np.random.default_rng([config.train.seed, 12])
+        for k in range(d.augment.copies):
+            for i, s in enumerate(fit):
+                strength = float(rng.uniform(*d.augment.strength))
+                copy = nuisance_copy(s, d.scaling, strength, (config.train.seed, k, i))
+                sets.append(unchanged_patches(copy, p, d.stride))
+    return train(
+        PatchSet.concat(sets),
+        config.model,
+        config.train,
+        out_dir,
+        scene_data_info(config, fit, val),
+        progress=progress,
+        validation_pairs=[(s.before, s.after, s.mask) for s in val],
+        stride=d.stride,
+        stage=stage,
+        scaling=d.scaling,
+        validation_patches=PatchSet.concat(s.all_patches(p, d.stride) for s in val),
+    )
+
+
 def held_out_patches(config: RunConfig, limit: int = 20_000) -> tuple[PatchSet, float]:
     """Labelled patch pairs the run never trained on, and the changed fraction of a positive.
 
     Synthetic runs: the validation scenes (the ones that chose the threshold) cut at the run's
-    stride; MNIST runs: balanced pairs from the test split. Export measures variants on these.
+    stride; MNIST runs: balanced pairs from the test split; scenes runs: the validation pairs
+    at the run's stride. Export measures variants on these.
     """
     from training.data import extract_patches
 
@@ -163,6 +376,9 @@ def held_out_patches(config: RunConfig, limit: int = 20_000) -> tuple[PatchSet, 
             n = min(d.n_test_per_class, limit // 2)
             patches = make_pairs(d.variant, "test", n, n, TEST_SEED).to_patchset()
             positive_fraction = 0.5
+        case ScenesData() as d:
+            _, val = load_scene_split(config)
+            patches = PatchSet.concat(s.all_patches(config.model.patch_size, d.stride) for s in val)
         case _:
             raise ValueError(f"unknown data kind {config.data!r}")
     if len(patches) > limit:
@@ -188,6 +404,16 @@ def calibration_patches(config: RunConfig, n: int = 512) -> PatchSet:
             from training.datasets.augmented_mnist import make_pairs
 
             patches = make_pairs(d.variant, "train", n, n, config.train.seed).to_patchset()
+        case ScenesData() as d:
+            fit, _ = load_scene_split(config)
+            rng = np.random.default_rng(2)
+            sets = []
+            for s in fit:  # up to n from every training pair, then n of those
+                every = s.all_patches(config.model.patch_size, d.stride)
+                sets.append(
+                    every.select(np.sort(rng.choice(len(every), min(n, len(every)), False)))
+                )
+            patches = PatchSet.concat(sets)
         case _:
             raise ValueError(f"unknown data kind {config.data!r}")
     if len(patches) > n:

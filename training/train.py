@@ -17,7 +17,7 @@ import os
 import pickle
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -63,6 +63,51 @@ class TrainConfig:
     positive_fraction: float = 0.25  # a patch is positive when at least this much of it changed
     max_positives: int | None = None  # the label budget: keep only this many positive patches
     val_fraction: float = 0.2
+    # the from-scratch siamese baseline: no VAE pre-training; the encoder learns from the labels
+    # alone, at the classifier's rate from the first step (encoder_lr_scale 1, no frozen warm-up)
+    from_scratch: bool = False
+
+
+@dataclass(frozen=True)
+class InputScaling:
+    """How raw pixels become the network's input: ``(x - offset) * scale``, then clipped to
+    ``clip`` when set. Stored in the checkpoint so that export builds the same step into the ONNX
+    graph: a model trained on one scaling and served with another would see other numbers."""
+
+    input_dtype: Literal["uint8", "uint16", "float32"] = "uint8"
+    input_range: tuple[float, float] = (0.0, 255.0)  # the raw values the model is meant for
+    offset: float = 0.0
+    scale: float = 1.0 / 255.0
+    clip: tuple[float, float] | None = None  # e.g. (0, 1): saturate rare very bright pixels
+
+    def __post_init__(self) -> None:
+        if not self.scale > 0:
+            raise ValueError(f"scale must be > 0, got {self.scale}")
+        if not self.input_range[0] < self.input_range[1]:
+            raise ValueError(f"input_range must be (min, max) with min < max: {self.input_range}")
+        if self.clip is not None and not self.clip[0] < self.clip[1]:
+            raise ValueError(f"clip must be (min, max) with min < max: {self.clip}")
+
+    @property
+    def is_uint8_default(self) -> bool:
+        return self == UINT8
+
+    @classmethod
+    def from_payload(cls, data: dict[str, Any] | None) -> InputScaling:
+        """From a checkpoint; checkpoints written before scaling was recorded are uint8 / 255."""
+        if not data:
+            return UINT8
+        clip = data.get("clip")
+        return cls(
+            input_dtype=data["input_dtype"],
+            input_range=tuple(data["input_range"]),
+            offset=float(data["offset"]),
+            scale=float(data["scale"]),
+            clip=None if clip is None else tuple(clip),
+        )
+
+
+UINT8 = InputScaling()
 
 
 @dataclass
@@ -83,9 +128,18 @@ class RunResult:
     history: list[dict[str, float]] = field(default_factory=list)
 
 
-def to_unit(x: np.ndarray, device: torch.device | str = "cpu") -> torch.Tensor:
-    """uint8 patches -> float in [0, 1]: the same scaling the exported graph applies."""
-    return torch.from_numpy(x).to(device).float().div_(255.0)
+def to_unit(
+    x: np.ndarray, device: torch.device | str = "cpu", scaling: InputScaling | None = None
+) -> torch.Tensor:
+    """Raw patches -> network input: the same scaling the exported graph applies.
+
+    uint8 / 255 by default (kept exactly as before, so earlier runs reproduce bit for bit)."""
+    if scaling is None or scaling.is_uint8_default:
+        return torch.from_numpy(x).to(device).float().div_(255.0)
+    if x.dtype != np.uint8:
+        x = x.astype(np.float32)  # torch has no arithmetic on uint16; exact for 16-bit ints
+    t = torch.from_numpy(x).to(device).float().sub_(scaling.offset).mul_(scaling.scale)
+    return t.clamp_(*scaling.clip) if scaling.clip is not None else t
 
 
 def resolve_device(name: str) -> torch.device:
@@ -192,6 +246,7 @@ def pretrain(
     cfg: TrainConfig,
     progress: bool = True,
     run_dir: Path | None = None,
+    scaling: InputScaling | None = None,
 ) -> list[dict[str, float]]:
     """Stage 1 on unchanged pairs only; returns the loss history (one row per logged step)."""
     device = resolve_device(cfg.device)
@@ -205,8 +260,8 @@ def pretrain(
 
     def step(_: int, gen: np.random.Generator) -> dict[str, float]:
         idx = gen.integers(0, len(negatives), cfg.batch_size)
-        x_a = to_unit(negatives.before[idx], device)
-        x_b = to_unit(negatives.after[idx], device)
+        x_a = to_unit(negatives.before[idx], device, scaling)
+        x_b = to_unit(negatives.after[idx], device, scaling)
         q_a, rec_a = vae(x_a)
         q_b, rec_b = vae(x_b)
         recon = losses.reconstruction_nll(rec_a, x_a, likelihood) + losses.reconstruction_nll(
@@ -246,6 +301,7 @@ def finetune(
     cfg: TrainConfig,
     progress: bool = True,
     run_dir: Path | None = None,
+    scaling: InputScaling | None = None,
 ) -> list[dict[str, float]]:
     """Stage 2: BCE on [mu_c_A, mu_c_B] with the imbalance handled as ``cfg.balance`` says.
 
@@ -284,7 +340,7 @@ def finetune(
         y = torch.cat([torch.ones(half), torch.zeros(half)]).to(device)
         # either date may come first at serving time: swap half of the pairs
         swap = torch.from_numpy(gen.random(2 * half) < 0.5)[:, None, None, None].to(device)
-        x_a, x_b = to_unit(before, device), to_unit(after, device)
+        x_a, x_b = to_unit(before, device, scaling), to_unit(after, device, scaling)
         x_a, x_b = torch.where(swap, x_b, x_a), torch.where(swap, x_a, x_b)
         loss = bce_change_loss(detector.logits(x_a, x_b), y)
         opt.zero_grad(set_to_none=True)
@@ -309,13 +365,18 @@ def finetune(
 
 
 @torch.no_grad()
-def predict(detector: ChangeDetector, patches: PatchSet, batch: int = 512) -> np.ndarray:
+def predict(
+    detector: ChangeDetector,
+    patches: PatchSet,
+    batch: int = 512,
+    scaling: InputScaling | None = None,
+) -> np.ndarray:
     detector.eval()
     device = device_of(detector)
     out = [
         detector(
-            to_unit(patches.before[i : i + batch], device),
-            to_unit(patches.after[i : i + batch], device),
+            to_unit(patches.before[i : i + batch], device, scaling),
+            to_unit(patches.after[i : i + batch], device, scaling),
         ).cpu()
         for i in range(0, len(patches), batch)
     ]
@@ -323,25 +384,32 @@ def predict(detector: ChangeDetector, patches: PatchSet, batch: int = 512) -> np
 
 
 def probability_map(
-    detector: ChangeDetector, before: np.ndarray, after: np.ndarray, stride: int
+    detector: ChangeDetector,
+    before: np.ndarray,
+    after: np.ndarray,
+    stride: int,
+    scaling: InputScaling | None = None,
 ) -> np.ndarray:
     """The serving path's tiling and stitching around the PyTorch model: (H, W) probabilities."""
     p = detector.cfg.patch_size
     tiles = tiling.grid(before.shape[0], before.shape[1], p, stride)
     b, a = tiling.extract_patches(before, after, tiles, p, stride)
-    probs = predict(detector, PatchSet(b, a, np.zeros(len(b), np.float32)))
+    probs = predict(detector, PatchSet(b, a, np.zeros(len(b), np.float32)), scaling=scaling)
     return tiling.stitch(probs, tiles, before.shape[0], before.shape[1], p)
 
 
 def pixel_threshold(
-    detector: ChangeDetector, pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]], stride: int
+    detector: ChangeDetector,
+    pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+    stride: int,
+    scaling: InputScaling | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Choose the mask threshold on whole validation scenes, where the mask is actually made.
 
     The served mask thresholds the blended map, not single patches, so the threshold is chosen
     (max pixel F1) and reported on stitched maps of held-out scenes.
     """
-    maps = [probability_map(detector, b, a, stride) for b, a, _ in pairs]
+    maps = [probability_map(detector, b, a, stride, scaling) for b, a, _ in pairs]
     scores = np.concatenate([m.ravel() for m in maps])
     truth = np.concatenate([m.ravel() > 0 for _, _, m in pairs])
     threshold = best_threshold(scores, truth)
@@ -364,13 +432,17 @@ def split_validation(patches: PatchSet, fraction: float, seed: int) -> tuple[Pat
 
 
 def evaluate_patches(
-    detector: ChangeDetector, patches: PatchSet, positive_fraction: float, threshold: float
+    detector: ChangeDetector,
+    patches: PatchSet,
+    positive_fraction: float,
+    threshold: float,
+    scaling: InputScaling | None = None,
 ) -> dict[str, float]:
     """Patch-level metrics on unambiguous patches (none changed, or at least positive_fraction)."""
     neg, pos = patches.split(positive_fraction)
     both = PatchSet.concat([neg, pos])
     labels = np.r_[np.zeros(len(neg)), np.ones(len(pos))]
-    scores = predict(detector, both)
+    scores = predict(detector, both, scaling=scaling)
     out = binary_scores(scores >= threshold, labels)
     out["auroc"] = auroc(scores, labels)
     out["n_negative"], out["n_positive"] = float(len(neg)), float(len(pos))
@@ -413,17 +485,29 @@ def train(
     validation_pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]] | None = None,
     stride: int | None = None,
     stage: Literal["both", "pretrain", "finetune"] = "both",
+    scaling: InputScaling | None = None,
+    validation_patches: PatchSet | None = None,
 ) -> RunResult | None:
     """Both stages end to end; writes ``out_dir/checkpoint.pt`` and ``out_dir/metrics.json``.
 
     With ``validation_pairs`` (before, after, mask) the decision threshold is chosen on their
     stitched maps at ``stride``; without, on validation patches; with ``val_fraction`` 0 it is
-    0.5 (for balanced problems). ``stage="pretrain"`` stops after stage 1 (returns None);
-    ``stage="finetune"`` needs the finished stage 1 of the same run folder.
+    0.5 (for balanced problems). ``validation_patches`` (patches of held-out scenes) replace the
+    random ``val_fraction`` split, whose patches would overlap the training ones on a dense grid.
+    ``stage="pretrain"`` stops after stage 1 (returns None); ``stage="finetune"`` needs the
+    finished stage 1 of the same run folder. ``scaling`` maps raw pixels to the network input
+    (default uint8 / 255) and is recorded for export. ``cfg.from_scratch`` skips stage 1.
     """
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
-    fit, val = split_validation(train_patches, cfg.val_fraction, cfg.seed)
+    scaling = scaling or UINT8
+    if cfg.from_scratch:
+        # the baseline: nothing to adapt carefully, the encoder learns at the classifier's rate
+        cfg = replace(cfg, encoder_lr_scale=1.0, freeze_encoder_steps=0)
+    if validation_patches is not None:
+        fit, val = train_patches, validation_patches
+    else:
+        fit, val = split_validation(train_patches, cfg.val_fraction, cfg.seed)
     negatives, positives = fit.split(cfg.positive_fraction)
     if cfg.max_positives is not None and len(positives) > cfg.max_positives:
         keep = np.random.default_rng(cfg.seed + 2).choice(len(positives), cfg.max_positives, False)
@@ -431,32 +515,43 @@ def train(
     log.info("training on %d negatives, %d positives", len(negatives), len(positives))
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    if stage == "finetune" and not (out_dir / "pretrain_last.pt").exists():
+    needs_pretrain = not cfg.from_scratch
+    if stage == "finetune" and needs_pretrain and not (out_dir / "pretrain_last.pt").exists():
         raise FileNotFoundError(
             f"{out_dir} has no pre-training checkpoint; run the pretrain stage first"
         )
-    vae = DisentangledVAE(model_cfg)
-    pre_history = pretrain(vae, negatives, cfg, progress, run_dir=out_dir)
+    vae = DisentangledVAE(model_cfg)  # from scratch: its random encoder starts fine-tuning
+    pre_history = (
+        pretrain(vae, negatives, cfg, progress, run_dir=out_dir, scaling=scaling)
+        if needs_pretrain
+        else []
+    )
     if stage == "pretrain":
         plot_history([{"stage": "pretrain", **r} for r in pre_history], out_dir / "loss_curves.png")
         return None
     detector = ChangeDetector(model_cfg)
     detector.encoder.load_state_dict(vae.encoder.state_dict())
-    fine_history = finetune(detector, negatives, positives, cfg, progress, run_dir=out_dir)
+    fine_history = finetune(
+        detector, negatives, positives, cfg, progress, run_dir=out_dir, scaling=scaling
+    )
 
     # the threshold is chosen on validation patches, never on the patches it was trained on
     stride = stride or model_cfg.patch_size // 4
     if validation_pairs:
-        threshold, pixel_metrics = pixel_threshold(detector, validation_pairs, stride)
+        threshold, pixel_metrics = pixel_threshold(detector, validation_pairs, stride, scaling)
         method = f"max pixel F1 on {len(validation_pairs)} held-out scenes, stride {stride}"
     elif len(val) == 0:
         threshold, pixel_metrics, method = 0.5, {}, "fixed 0.5: balanced training batches"
     else:
         vneg, vpos = val.split(cfg.positive_fraction)
-        vscores = predict(detector, PatchSet.concat([vneg, vpos]))
+        vscores = predict(detector, PatchSet.concat([vneg, vpos]), scaling=scaling)
         threshold = best_threshold(vscores, np.r_[np.zeros(len(vneg)), np.ones(len(vpos))])
         pixel_metrics, method = {}, "max F1 of the change class on the validation patches"
-    metrics = evaluate_patches(detector, val, cfg.positive_fraction, threshold) if len(val) else {}
+    metrics = (
+        evaluate_patches(detector, val, cfg.positive_fraction, threshold, scaling)
+        if len(val)
+        else {}
+    )
     metrics.update(pixel_metrics)
     metrics["train_seconds"] = time.perf_counter() - t0
     payload = {
@@ -465,6 +560,7 @@ def train(
         "model_config": model_cfg.to_dict(),
         "train_config": asdict(cfg),
         "data": asdict(data),
+        "input_scaling": asdict(scaling),
         "detector_state": detector.state_dict(),
         "vae_state": vae.state_dict(),
         "threshold": threshold,

@@ -83,7 +83,7 @@ def train(
     _remember_command(out)
     try:
         result = run(config, out, stage=stage, progress=not quiet)
-    except (ConfigMismatch, FileNotFoundError) as exc:
+    except (ConfigMismatch, ConfigError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from exc
     if result is None:
         click.echo(f"pre-training done in {out}")

@@ -205,3 +205,94 @@ def test_reexport_replaces_the_file_atomically(
     assert result.path.read_bytes() != old
     assert result.metadata.version == "0.0.2"
     assert result.metadata.weights_sha256 == exported.metadata.weights_sha256
+
+
+# ------------------------------------------------------- input scaling from the checkpoint
+
+
+def graph_ops(path: Path) -> list[tuple[str, tuple[str, ...]]]:
+    graph = onnx.load(str(path)).graph
+    return [(n.op_type, tuple(n.input)) for n in graph.node]
+
+
+def test_uint8_graph_is_unchanged_by_recorded_scaling(
+    exported: ExportResult, checkpoint: Path, tmp_path: Path
+) -> None:
+    """A checkpoint from before scaling was recorded exports to the same graph: uint8 / 255."""
+    payload = load_checkpoint(checkpoint)
+    assert payload["input_scaling"]["input_dtype"] == "uint8"
+    del payload["input_scaling"]
+    old = tmp_path / "old.pt"
+    torch.save(payload, old)
+    again = export_checkpoint(old, tmp_path / "old", name="tiny", version="0.0.1")
+    assert graph_ops(again.path) == graph_ops(exported.path)
+    assert again.metadata.weights_sha256 == exported.metadata.weights_sha256
+    assert "Clip" not in {op for op, _ in graph_ops(exported.path)}
+    m = exported.metadata
+    assert (m.input_dtype, m.input_range, m.offset, m.scale) == ("uint8", (0, 255), 0, 1 / 255)
+    assert (
+        "scaled inside the graph by (x - 0) * 0.00392157 |"
+        in (exported.path.parent / "README.md").read_text()
+    )
+
+
+def test_uint8_parity_inputs_are_the_same_draws_as_before() -> None:
+    rng = np.random.default_rng(0)
+    for (b, a), n in zip(parity_inputs(3, 32, None), (1, 7, 64), strict=True):
+        assert np.array_equal(b, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8))
+        assert np.array_equal(a, rng.integers(0, 256, (n, 3, 32, 32), dtype=np.uint8))
+
+
+@pytest.fixture(scope="module")
+def uint16_export(patches: PatchSet, tmp_path_factory: pytest.TempPathFactory) -> ExportResult:
+    """Trained on uint16 patches (the synthetic ones x 40: up to 10,200) scaled by 1/5000 and
+    clipped to [0, 1], as the Sentinel-2 preset does."""
+    from training.train import InputScaling
+
+    wide = PatchSet(
+        patches.before.astype(np.uint16) * 40,
+        patches.after.astype(np.uint16) * 40,
+        patches.changed_fraction,
+    )
+    scaling = InputScaling("uint16", (0.0, 10000.0), 0.0, 1 / 5000, (0.0, 1.0))
+    cfg = TrainConfig(batch_size=8, pretrain_steps=3, finetune_steps=3)
+    data = DataInfo(name="tiny wide", licence="Apache-2.0", band_names=("r", "g", "b"))
+    out = tmp_path_factory.mktemp("run16")
+    result = train(wide, MODEL, cfg, out, data, progress=False, scaling=scaling)
+    assert result is not None
+    real = [(wide.before[:16], wide.after[:16])]
+    return export_checkpoint(
+        result.checkpoint, out / "model", name="tiny16", version="0.0.1", real_inputs=real
+    )
+
+
+def test_uint16_export_takes_uint16_and_clips(uint16_export: ExportResult) -> None:
+    m = uint16_export.metadata
+    assert (m.input_dtype, m.input_range, m.offset, m.scale) == ("uint16", (0, 10000), 0, 1 / 5000)
+    assert m.band_names == ("r", "g", "b")
+    assert 0.0 <= uint16_export.parity_max_abs_diff <= PARITY_TOLERANCE
+    session = ort.InferenceSession(str(uint16_export.path), providers=["CPUExecutionProvider"])
+    assert [i.type for i in session.get_inputs()] == ["tensor(uint16)"] * 2
+    assert "Clip" in {op for op, _ in graph_ops(uint16_export.path)}
+    # everything at or above 5000 is the same input once clipped
+    at = np.full((2, 3, 32, 32), 5000, np.uint16)
+    top = np.full((2, 3, 32, 32), 65535, np.uint16)
+    low = np.full((2, 3, 32, 32), 1000, np.uint16)
+    (p_at,) = session.run(None, {"before": at, "after": low})
+    (p_top,) = session.run(None, {"before": top, "after": low})
+    np.testing.assert_array_equal(p_at, p_top)
+    card = (uint16_export.path.parent / "README.md").read_text()
+    assert (
+        "uint16 in [0, 10000], scaled inside the graph by (x - 0) * 0.0002, clipped to [0, 1]"
+        in (card)
+    )
+
+
+def test_uint16_parity_inputs_cover_the_input_range() -> None:
+    from training.train import InputScaling
+
+    scaling = InputScaling("uint16", (0.0, 10000.0), 0.0, 1 / 5000, (0.0, 1.0))
+    inputs = parity_inputs(4, 16, None, scaling=scaling)
+    assert [b.shape[0] for b, _ in inputs] == [1, 7, 64]
+    values = np.concatenate([x.ravel() for pair in inputs for x in pair])
+    assert values.dtype == np.uint16 and values.max() > 9000 and values.max() <= 10000

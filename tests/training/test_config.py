@@ -6,12 +6,21 @@ from pathlib import Path
 
 import pytest
 
-from training.config import CONFIG_DIR, ConfigError, MnistData, load_config, parse_override
+from training.config import (
+    CONFIG_DIR,
+    ConfigError,
+    MnistData,
+    RunConfig,
+    ScenesData,
+    load_config,
+    parse_override,
+)
+from training.train import InputScaling
 
 
 def test_every_preset_validates() -> None:
     presets = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
-    assert {"thin", "mnist"} <= set(presets)
+    assert {"thin", "mnist", "aerial-rgb", "sentinel2-rgbn"} <= set(presets)
     for name in presets:
         load_config(preset=name)
 
@@ -69,3 +78,62 @@ def test_malformed_override_and_unknown_preset(tmp_path: Path) -> None:
     bad.write_text("[train\n")
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(bad)
+
+
+def test_real_data_presets() -> None:
+    aerial = load_config(preset="aerial-rgb")
+    assert isinstance(aerial.data, ScenesData)
+    assert aerial.data.dataset == "sztaki" and aerial.data.val_pairs == ["Szada/1"]
+    assert aerial.data.train_pairs is None  # the other seven pairs
+    assert (aerial.model.in_channels, aerial.model.patch_size, aerial.data.stride) == (3, 32, 8)
+    assert aerial.data.scaling == InputScaling()  # uint8 / 255, as before
+    s2 = load_config(preset="sentinel2-rgbn")
+    assert isinstance(s2.data, ScenesData)
+    assert s2.data.bands == [1, 2, 3, 4] and s2.model.in_channels == 4
+    assert set(s2.data.val_pairs).isdisjoint(s2.data.train_pairs or [])
+    assert s2.data.scaling == InputScaling("uint16", (0.0, 10000.0), 0.0, 1 / 5000, (0.0, 1.0))
+
+
+def test_scenes_config_round_trips_through_json() -> None:
+    """load_run_config reads the config.json that run() wrote: it must come back equal."""
+    cfg = load_config(preset="sentinel2-rgbn", overrides=["data.augment.copies=2"])
+    assert RunConfig.model_validate_json(cfg.model_dump_json()) == cfg
+
+
+def test_scenes_file_config_with_indices_and_defaults(tmp_path: Path) -> None:
+    path = tmp_path / "run.toml"
+    path.write_text('[data]\nkind = "scenes"\ndataset = "folder:/some/where"\nval_pairs = [0]\n')
+    cfg = load_config(path)
+    assert isinstance(cfg.data, ScenesData)
+    assert cfg.data.val_pairs == [0] and cfg.data.bands is None and cfg.data.augment.copies == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('data.dataset="abcd:/x"', "not scenes"),
+        ('data.dataset="nope"', "unknown dataset kind"),
+        ('data.dataset="folder"', "needs a path"),
+        ("data.val_pairs=[]", "data.scenes.val_pairs"),
+        ('data.train_pairs=["pisa", "paris"]', "in train_pairs and val_pairs"),
+        ("data.train_pairs=[]", "train_pairs is empty"),
+        ("data.bands=[1, 2, 3]", "model.in_channels is 4"),
+        ("data.bands=[1, 1, 2, 3]", "distinct"),
+        ("data.bands=[0, 1, 2, 3]", "data.scenes.bands"),
+        ("data.scaling.scale=0", "scale must be > 0"),
+        ("data.scaling.clip=[1.0, 0.0]", "clip"),
+        ('data.scaling.input_dtype="int8"', "data.scenes.scaling.input_dtype"),
+        ("data.augment.strength=[2.0, 1.0]", "data.scenes.augment.strength"),
+        ("data.augment.copies=-1", "data.scenes.augment.copies"),
+    ],
+)
+def test_invalid_scenes_settings_say_what_is_wrong(override: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_config(preset="sentinel2-rgbn", overrides=[override])
+    assert message in str(err.value)
+
+
+def test_from_scratch_switch() -> None:
+    cfg = load_config(preset="aerial-rgb", overrides=["train.from_scratch=true"])
+    assert cfg.train.from_scratch
+    assert not load_config(preset="aerial-rgb").train.from_scratch
