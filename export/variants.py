@@ -317,7 +317,7 @@ def export_variants(
             reports.append(exc.report)
             continue
         commands = result.card_inputs.get("commands", {})
-        write_model_card(target, meta, None, None, commands, [report])
+        write_model_card(target, meta, None, result.card_inputs.get("payload"), commands, [report])
         reports.append(report)
     result.rewrite_card(reports)
     return reports
