@@ -73,6 +73,12 @@ BASELINES = ("cva",)
     "uint8 models on uint16 data.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
+@click.option(
+    "--pairs",
+    "pair_names",
+    default=None,
+    help="Only these pairs, by name, comma-separated (e.g. a model's held-out Szada/1).",
+)
 def evaluate(
     model: str,
     dataset: str,
@@ -83,6 +89,7 @@ def evaluate(
     bands: str | None,
     scale_to_uint8: bool,
     limit: int | None,
+    pair_names: str | None,
 ) -> None:
     """Pixel precision/recall/F1/IoU, AUROC and patch balanced accuracy over a labelled dataset,
     per pair and overall, with an overlay per pair; written to report.md and results.json.
@@ -114,6 +121,15 @@ def evaluate(
             f"{kind} is labelled per patch pair, not per pixel: evaluate needs pixel masks",
             param_hint="--dataset",
         )
+    if pair_names:
+        wanted = [n.strip() for n in pair_names.split(",") if n.strip()]
+        unknown = sorted(set(wanted) - {p.name for p in loaded})
+        if unknown:
+            raise click.BadParameter(
+                f"no pair named {unknown} in {dataset}; it has {[p.name for p in loaded]}",
+                param_hint="--pairs",
+            )
+        loaded = [p for p in loaded if p.name in wanted]
     pairs = loaded[:limit] if limit else loaded
 
     settings = None
@@ -144,6 +160,7 @@ def evaluate(
         "bands": list(band_numbers) if band_numbers else None,
         "scale_to_uint8": scale_to_uint8,
         "limit": limit,
+        "pairs": pair_names,
     }
     written = write_report(out, result, command=command, dataset=dataset, settings=recorded)
     pooled, mean = result.pooled(), result.mean_over_pairs()

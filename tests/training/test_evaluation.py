@@ -521,3 +521,18 @@ def test_evaluate_runs_with_torch_unimportable(folder: Path, tmp_path: Path) -> 
     assert done.returncode == 0, done.stderr[-3000:]
     assert "evaluated without torch" in done.stdout
     assert (tmp_path / "c" / "results.json").is_file() and (tmp_path / "t" / "report.md").is_file()
+
+
+@pytest.mark.shared_data
+def test_pairs_selects_held_out_pairs_by_name(shared_data: Path, tmp_path: Path) -> None:
+    if not (shared_data / "sztaki").is_dir():
+        pytest.skip(f"no sztaki/ in {shared_data}")
+    data = f"sztaki:{shared_data / 'sztaki'}"
+    out = tmp_path / "held-out"
+    args = ["evaluate", "--model", "cva", "--dataset", data, "--out", str(out)]
+    result = CliRunner().invoke(cli, [*args, "--pairs", "Szada/1,Tiszadob/2"])
+    assert result.exit_code == 0, result.output
+    names = [p["name"] for p in json.loads((out / "results.json").read_text())["pairs"]]
+    assert sorted(names) == ["Szada/1", "Tiszadob/2"]
+    bad = CliRunner().invoke(cli, [*args, "--pairs", "Szada/9"])
+    assert bad.exit_code == 2 and "Szada/9" in bad.output
