@@ -117,10 +117,12 @@ def train_synthetic(
     return result
 
 
-def _synthetic(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> RunResult | None:
+def _synthetic_training_patches(config: RunConfig, scenes: int) -> PatchSet:
+    """The first ``scenes`` training scenes of a synthetic run, cut as the run cuts them."""
     d = config.data
-    patches = synthetic_patches(
-        range(d.scenes),
+    assert isinstance(d, SyntheticData)
+    return synthetic_patches(
+        range(scenes),
         patch=config.model.patch_size,
         stride=d.stride,
         size=d.size,
@@ -128,6 +130,11 @@ def _synthetic(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -
         nuisance_strength=d.nuisance_strength,
         max_change_px=d.max_change_px,
     )
+
+
+def _synthetic(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> RunResult | None:
+    d = config.data
+    patches = _synthetic_training_patches(config, d.scenes)
     # held-out scenes (other seeds, default nuisances and change rate) choose the mask threshold
     scene = SceneConfig(height=d.size, width=d.size, change_rate=3.0)
     validation = [render_pair(VALIDATION_SEED + i, scene) for i in range(d.val_scenes)]
@@ -391,15 +398,7 @@ def calibration_patches(config: RunConfig, n: int = 512) -> PatchSet:
     """Patch pairs from the run's training distribution, for static int8 calibration."""
     match config.data:
         case SyntheticData() as d:
-            patches = synthetic_patches(
-                range(min(d.scenes, 8)),
-                patch=config.model.patch_size,
-                stride=d.stride,
-                size=d.size,
-                change_rate=d.change_rate,
-                nuisance_strength=d.nuisance_strength,
-                max_change_px=d.max_change_px,
-            )
+            patches = _synthetic_training_patches(config, min(d.scenes, 8))
         case MnistData() as d:
             from training.datasets.augmented_mnist import make_pairs
 
