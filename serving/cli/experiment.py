@@ -97,3 +97,84 @@ def table3(
     runner.run()
     runner.write_summary(command="rarechange " + shlex.join(sys.argv[1:]))
     click.echo(f"wrote {results / (name + '.md')} and {results / (name + '.json')}")
+
+
+@experiment.command()
+@click.option("--preset", default="aerial-rgb", show_default=True, help="A scenes preset.")
+@click.option("--folds", default="", help="Held-out pairs, comma-separated (default: every pair).")
+@click.option("--budgets", default="5,50,all", show_default=True, help="Positive patches.")
+@click.option("--seeds", default="0,1,2", show_default=True, help="e.g. 0,1,2 or 0-9.")
+@click.option("--methods", default="ours,siamese", show_default=True)
+@click.option(
+    "--set",
+    "extra",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="An override for every cell, e.g. --set data.augment.copies=1 (a protocol of its own).",
+)
+@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
+@click.option(
+    "--results",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("docs/results"),
+    show_default=True,
+)
+@click.option(
+    "--work",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("runs/study"),
+    show_default=True,
+    help="Pre-training checkpoints per fold.",
+)
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def scenes(
+    preset: str,
+    folds: str,
+    budgets: str,
+    seeds: str,
+    methods: str,
+    extra: tuple[str, ...],
+    threads: int,
+    results: Path,
+    work: Path,
+    quiet: bool,
+) -> None:
+    """Few labels on real pairs: each pair held out once, ours vs a siamese trained from scratch
+    vs change vector analysis, at 5 / 50 / all positive patches, over seeds.
+
+    One JSON per finished cell in RESULTS/study-PRESET_cells/, the summary in
+    RESULTS/study-PRESET.md and .json. Run it again to resume.
+    """
+    try:
+        import torch
+
+        from training.config import ConfigError
+        from training.experiments.scene_study import METHODS, SceneStudy, StudySettings
+    except ImportError as exc:
+        raise click.ClickException(
+            f"needs the train extra: pip install 'rarechange[train]' ({exc})"
+        ) from exc
+    torch.set_num_threads(threads)
+    unknown = set(methods.split(",")) - set(METHODS)
+    if unknown:
+        raise click.BadParameter(
+            f"{sorted(unknown)}; choose from {METHODS}", param_hint="--methods"
+        )
+    try:
+        parsed = tuple(None if b == "all" else int(b) for b in budgets.split(","))
+    except ValueError as exc:
+        raise click.BadParameter(f"{budgets!r}: numbers or `all`", param_hint="--budgets") from exc
+    settings = StudySettings(
+        preset=preset,
+        folds=tuple(f for f in folds.split(",") if f),
+        budgets=parsed,
+        seeds=_ints(seeds),
+        methods=tuple(methods.split(",")),
+        extra=extra,
+    )
+    try:
+        study = SceneStudy(settings, results, work, progress=not quiet)
+    except (ConfigError, ValueError, FileNotFoundError) as exc:
+        raise click.UsageError(str(exc)) from exc
+    study.run()
+    click.echo(f"wrote {results / (study.name + '.md')} and {results / (study.name + '.json')}")
