@@ -1,0 +1,120 @@
+"""The few-label study driver: cells, cross-fold thresholds, resume, on a written folder dataset."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from training.experiments.scene_study import (
+    HIST_BINS,
+    SceneStudy,
+    StudySettings,
+    best_bin,
+    counts_at,
+    f1_of,
+    histograms,
+)
+from training.synthetic import SceneConfig, render_pair
+
+TINY = (
+    "model.widths=[8, 16]",
+    "model.hidden=32",
+    "model.z_common=4",
+    "model.z_specific=3",
+    "model.classifier_hidden=8",
+    "train.batch_size=8",
+    "train.pretrain_steps=3",
+    "train.finetune_steps=3",
+    "train.finetune_steps_per_epoch=3",
+    "train.freeze_encoder_steps=0",
+    "train.device='cpu'",
+    "data.stride=16",
+)
+
+
+@pytest.fixture(autouse=True)
+def one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("pairs")
+    for sub in ("A", "B", "label"):
+        (root / sub).mkdir()
+    for i in range(3):
+        p = render_pair(i, SceneConfig(height=96, width=96, change_rate=40.0))
+        Image.fromarray(p.before).save(root / "A" / f"p{i}.png")
+        Image.fromarray(p.after).save(root / "B" / f"p{i}.png")
+        Image.fromarray(p.mask * 255).save(root / "label" / f"p{i}.png")
+    return root
+
+
+def test_histograms_and_threshold_choice() -> None:
+    prob = np.array([0.0, 0.1, 0.5, 0.9, 0.95, 1.0])
+    truth = np.array([0, 0, 1, 1, 0, 1], bool)
+    h = histograms(prob, truth)
+    assert sum(h["positive"]) == 3 and sum(h["negative"]) == 3
+    assert h["positive"][HIST_BINS - 1] == 1  # 1.0 lands in the last bin
+    k = int(0.5 * HIST_BINS)
+    assert counts_at(h, k) == (3, 1, 0)  # >= 0.5: three hits, 0.95 a false alarm
+    assert f1_of(3, 1, 0) == pytest.approx(6 / 7)
+    # every threshold in (0.1, 0.5] gives that F1: the lowest bin above 0.1's wins
+    assert best_bin([h]) == int(0.1 * HIST_BINS) + 1
+    assert f1_of(0, 5, 3) == 0.0
+
+
+def test_cells_cross_fold_thresholds_and_resume(folder: Path, tmp_path: Path) -> None:
+    settings = StudySettings(
+        preset="aerial-rgb",
+        budgets=(1, None),
+        seeds=(0,),
+        finetune_steps={"1": 2},
+        extra=(f"data.dataset='folder:{folder}'", *TINY),
+    )
+    results, work = tmp_path / "results", tmp_path / "work"
+    study = SceneStudy(settings, results, work, progress=False)
+    assert study.folds() == ["p0", "p1", "p2"]
+    assert "train.max_positives=1" in study.command("p1", "ours", 1, 0)
+    assert "train.from_scratch=true" in study.command("p1", "siamese", None, 0)
+    assert "train.finetune_steps=2" in study.command("p1", "siamese", 1, 0)
+    # the headline cells (first seed, every positive) come first
+    assert study.todo("p0")[:2] == [("ours", None, 0), ("siamese", None, 0)]
+    study.run()
+
+    cells = sorted(p.name for p in (results / "study-aerial-rgb_cells").glob("*.json"))
+    assert len(cells) == 3 * (1 + 2 * 2)  # per fold: cva + {ours, siamese} x {1, all}
+    cell = json.loads((results / "study-aerial-rgb_cells" / "p1_ours_1_s0.json").read_text())
+    assert cell["n_positives"] == 1 and cell["fold"] == "p1"
+    assert sum(cell["hist"]["positive"]) + sum(cell["hist"]["negative"]) == 96 * 96
+    assert 0.0 <= cell["auroc"] <= 1.0
+
+    summary = json.loads((results / "study-aerial-rgb.json").read_text())
+    row = next(r for r in summary["rows"] if (r["method"], r["budget"]) == ("ours", "1"))
+    # fold p0's threshold is the best pooled F1 of p1 and p2's maps, never of p0's own
+    recs = {
+        f: json.loads((results / "study-aerial-rgb_cells" / f"{f}_ours_1_s0.json").read_text())
+        for f in ("p0", "p1", "p2")
+    }
+    k = best_bin([recs["p1"]["hist"], recs["p2"]["hist"]])
+    assert row["cross_fold"]["p0"]["threshold"] == k / HIST_BINS
+    assert row["cross_fold"]["p0"]["f1"] == pytest.approx(f1_of(*counts_at(recs["p0"]["hist"], k)))
+    assert set(summary["cva"]) == {"p0", "p1", "p2"}
+    md = (results / "study-aerial-rgb.md").read_text()
+    assert "| ours | 1 | 1 | 3 |" in md and "CVA + Otsu" in md
+
+    # resume: nothing left to do, and no cell is rewritten
+    before = {p: p.stat().st_mtime_ns for p in (results / "study-aerial-rgb_cells").iterdir()}
+    assert all(not study.todo(f) for f in study.folds())
+    study.run()
+    after = {p: p.stat().st_mtime_ns for p in (results / "study-aerial-rgb_cells").iterdir()}
+    assert before == after
