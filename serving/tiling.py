@@ -159,12 +159,35 @@ def _lattice(
 def _stitch_lattice(
     p: np.ndarray, rows: list[int], cols: list[int], height: int, width: int, patch: int
 ) -> np.ndarray:
-    """``p`` (n_rows, n_cols) on the lattice: the window is separable, and so is its weight sum,
-    so the map is one 1-D weighted mean along columns, then one along rows: 2 P strided adds."""
+    """The whole image from its whole lattice: the region that is the image."""
+    stride = rows[1] - rows[0] if len(rows) > 1 else cols[1] - cols[0] if len(cols) > 1 else patch
+    return stitch_region(p, rows, cols, (0, 0, height, width), patch, stride)
+
+
+def stitch_region(
+    p: np.ndarray,
+    rows: list[int] | np.ndarray,
+    cols: list[int] | np.ndarray,
+    region: tuple[int, int, int, int],
+    patch: int,
+    stride: int,
+) -> np.ndarray:
+    """Window-weighted mean on ``region`` (row, col, height, width) of the image, from the tile
+    probabilities ``p`` (n_rows, n_cols) at lattice origins ``rows`` x ``cols``.
+
+    The lattice must hold every tile of the image's grid that touches the region (and may hold
+    more): then each pixel sums the same tiles in the same order as the whole-image stitch, so a
+    map streamed region by region is bit-identical to the map of the whole image. The window is
+    separable, and so is its weight sum: one 1-D weighted mean along columns, then one along
+    rows, 2 P strided adds."""
     n_r, n_c = p.shape
-    stride = rows[1] - rows[0] if n_r > 1 else cols[1] - cols[0] if n_c > 1 else patch
+    if n_r != len(rows) or n_c != len(cols):
+        raise ValueError(f"{p.shape} probabilities for {len(rows)} x {len(cols)} origins")
+    y0, x0, height, width = region
+    top, left = y0 - int(rows[0]), x0 - int(cols[0])
+    if top < 0 or left < 0 or y0 + height > rows[-1] + patch or x0 + width > cols[-1] + patch:
+        raise ValueError(f"region {region} is not covered by the tiles")
     w = _hann(patch)
-    top, left = -rows[0], -cols[0]
     # along columns: half[i, x] = sum_j p[i, j] w[x - col_j] / sum_j w[x - col_j]
     p = p.astype(np.float64)
     half = np.zeros((n_r, (n_c - 1) * stride + patch))

@@ -1,0 +1,1 @@
+"""Batch scoring of GeoTIFF pairs: `rarechange score` (one pair, or a manifest of many)."""

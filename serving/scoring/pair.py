@@ -1,0 +1,349 @@
+"""Score one GeoTIFF pair into georeferenced outputs: the batch path of `rarechange score`.
+
+Blocks of the reference grid are read, scored by the model's batcher and backend (the server's
+own), stitched (:mod:`serving.scoring.blocks`) and kept as finished blocks; the COGs, polygons,
+quicklook and summary are made from them at the end. ``summary.json`` is written last: its
+presence means the run is complete. A run killed at any point continues with ``resume=True`` and
+gives the same pixels as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from serving import __version__
+from serving.config import ServerSettings
+from serving.metadata import ModelMetadata
+from serving.models import ModelRepository
+from serving.scoring import blocks as blk
+from serving.scoring.outputs import (
+    PROBABILITY_NODATA,
+    UINT8_NODATA,
+    UINT8_SCALE,
+    BlockStore,
+    ProbabilityType,
+    mask_pixels,
+    probability_pixels,
+    remove_tree,
+    write_cog,
+    write_json_atomic,
+)
+from serving.scoring.polygons import PolygonOptions, write_geojson
+from serving.scoring.quicklook import write_quicklook
+from serving.scoring.rasters import PairError, RasterPair, UsageProblem, file_sha256
+
+log = logging.getLogger(__name__)
+
+PARTIAL = ".rarechange-partial"
+OUTPUTS = (
+    "change_probability.tif",
+    "change_mask.tif",
+    "changes.geojson",
+    "quicklook.png",
+    "summary.json",
+)
+
+
+@dataclass(frozen=True)
+class ScoreOptions:
+    bands_before: tuple[int, ...] | None = None
+    bands_after: tuple[int, ...] | None = None
+    resampling: str = "bilinear"  # for an after image on another grid
+    rescale: tuple[float, float] | None = None  # raster values -> the model's input range
+    stride: int = 0  # 0: the model's recommended stride
+    threshold: float | None = None  # None: the model's default threshold
+    probability_dtype: ProbabilityType = "float32"
+    block_size: int = 1024
+    polygons: PolygonOptions = field(default_factory=PolygonOptions)
+    quicklook: bool = True
+    resume: bool = False
+    overwrite: bool = False
+
+
+class ModelScorer:
+    """One loaded model (its backends and dynamic batcher), reused for every pair a worker
+    scores. ``submit`` is what blocks call: the same batcher and backend as the server's."""
+
+    def __init__(self, settings: ServerSettings, model: str = "") -> None:
+        self.repository = ModelRepository.load(settings)
+        try:
+            self.served = self.repository.get(model)
+            self.repository.start()
+        except BaseException:
+            self.repository.stop()
+            raise
+
+    @property
+    def metadata(self) -> ModelMetadata:
+        return self.served.metadata
+
+    def submit(self, before: np.ndarray, after: np.ndarray) -> Callable[[], np.ndarray]:
+        return self.served.batcher.submit(before, after).result
+
+    def close(self) -> None:
+        self.repository.stop()
+
+    def __enter__(self) -> ModelScorer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def score_pair(
+    before: Path,
+    after: Path,
+    out: Path,
+    scorer: ModelScorer,
+    options: ScoreOptions = ScoreOptions(),
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Score ``before``/``after`` into ``out``; returns the summary (also ``out/summary.json``)."""
+    t_start = time.perf_counter()
+    meta = scorer.metadata
+    stride = options.stride or meta.recommended_stride
+    if not 1 <= stride <= meta.patch_size:
+        raise UsageProblem(
+            f"stride {stride} must be between 1 and the patch size {meta.patch_size}"
+        )
+    threshold = meta.default_threshold if options.threshold is None else options.threshold
+    if not 0.0 <= threshold <= 1.0:
+        raise UsageProblem(f"threshold must be in [0, 1], got {threshold}")
+    if options.block_size < meta.patch_size:
+        raise UsageProblem(
+            f"block size {options.block_size} is smaller than the patch {meta.patch_size}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    summary_path = out / "summary.json"
+    partial = out / PARTIAL
+
+    t0 = time.perf_counter()
+    inputs = {"before": _file_info(before), "after": _file_info(after)}
+    checksum_s = time.perf_counter() - t0
+    job = {
+        "inputs": {k: v["sha256"] for k, v in inputs.items()},
+        "model": [meta.name, meta.version, meta.weights_sha256],
+        "bands": [options.bands_before, options.bands_after],
+        "resampling": options.resampling,
+        "rescale": options.rescale,
+        "stride": stride,
+        "block_size": options.block_size,
+    }
+    digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+
+    if summary_path.exists():
+        done = json.loads(summary_path.read_text())
+        if options.resume and done.get("job") == digest:
+            log.info("%s: already complete", out)
+            return {**done, "status": "already complete"}
+        if not (options.overwrite or options.resume):
+            raise UsageProblem(
+                f"{out} already holds a finished run ({summary_path}); pass --overwrite to "
+                "replace it or choose another --out"
+            )
+    job_path = partial / "job.json"
+    if partial.exists():
+        previous = json.loads(job_path.read_text()).get("digest") if job_path.exists() else None
+        if options.resume and previous is not None and previous != digest:
+            raise UsageProblem(
+                f"the unfinished run in {out} was made with other inputs, model or settings; run "
+                "without --resume to start over"
+            )
+        if not options.resume or previous is None:
+            remove_tree(partial)
+    summary_path.unlink(missing_ok=True)
+    store = BlockStore(partial / "blocks")
+    write_json_atomic(job_path, {"digest": digest, **job})
+
+    with RasterPair.open(
+        before,
+        after,
+        meta,
+        options.bands_before,
+        options.bands_after,
+        options.resampling,
+        options.rescale,
+    ) as pair:
+        if pair.warped:
+            log.warning(
+                "%s is not on the grid of %s (%s): warping it onto that grid (%s)",
+                after,
+                before,
+                pair.warped,
+                options.resampling,
+            )
+        grid = pair.grid
+        plan = blk.plan(grid.height, grid.width, options.block_size)
+        todo = [b for b in plan if not store.has(b.index)]
+        resumed = len(plan) - len(todo)
+        t0 = time.perf_counter()
+        patches = 0
+        with tqdm(
+            total=grid.pixels,
+            initial=sum(b.height * b.width for b in plan if store.has(b.index)),
+            unit="px",
+            unit_scale=True,
+            desc=f"scoring {before.name}",
+            disable=not progress,
+        ) as bar:
+            for block in todo:
+                tiles = blk.tiles_for(block, grid.height, grid.width, meta.patch_size, stride)
+                b_img, a_img, valid = pair.read(tiles.read)
+                prob, n = blk.score_block(
+                    block, b_img, a_img, valid, tiles, meta.patch_size, stride, scorer.submit
+                )
+                store.save(block.index, prob)
+                patches += n
+                bar.update(block.height * block.width)
+        score_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        counts = {"valid": 0, "changed": 0}
+        area = _PixelArea(grid)
+        changed_m2 = [0.0]
+
+        def probability(block: blk.Block) -> np.ndarray:
+            return probability_pixels(store.load(block.index), options.probability_dtype)
+
+        def mask(block: blk.Block) -> np.ndarray:
+            prob = store.load(block.index)
+            m = mask_pixels(prob, threshold)
+            counts["valid"] += int((~np.isnan(prob)).sum())
+            changed = m == 1
+            counts["changed"] += int(changed.sum())
+            changed_m2[0] += area.of(block, changed)
+            return m
+
+        tags = {
+            "model": f"{meta.name} {meta.version}",
+            "threshold": f"{threshold:.6g}",
+            "stride": str(stride),
+            "software": f"rarechange {__version__}",
+        }
+        float_map = options.probability_dtype == "float32"
+        prob_path = write_cog(
+            out / "change_probability.tif",
+            grid,
+            plan,
+            probability,
+            "float32" if float_map else "uint8",
+            PROBABILITY_NODATA if float_map else UINT8_NODATA,
+            "average",
+            tags=tags,
+            scale=None if float_map else 1.0 / UINT8_SCALE,
+            description="change probability",
+            work=partial,
+        )
+        mask_path = write_cog(
+            out / "change_mask.tif",
+            grid,
+            plan,
+            mask,
+            "uint8",
+            UINT8_NODATA,
+            "nearest",
+            tags=tags,
+            description="change mask (1 = change)",
+            work=partial,
+        )
+        write_s = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        vectors = write_geojson(out / "changes.geojson", mask_path, prob_path, options.polygons)
+        vector_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        if options.quicklook:
+            write_quicklook(out / "quicklook.png", pair, prob_path)
+        quicklook_s = time.perf_counter() - t0
+        described = pair.describe()
+
+    valid = counts["valid"]
+    summary = {
+        "status": "done",
+        "job": digest,
+        "before": str(before),
+        "after": str(after),
+        "inputs": inputs,
+        "model": {
+            "name": meta.name,
+            "version": meta.version,
+            "weights_sha256": meta.weights_sha256,
+            "patch_size": meta.patch_size,
+            "input_dtype": meta.input_dtype,
+        },
+        "stride": stride,
+        "threshold": threshold,
+        **described,
+        "outputs": {name: name for name in OUTPUTS if name != "quicklook.png" or options.quicklook},
+        "probability_dtype": options.probability_dtype,
+        "counts": {
+            "pixels": grid.pixels,
+            "valid_pixels": valid,
+            "nodata_pixels": grid.pixels - valid,
+            "changed_pixels": counts["changed"],
+            "changed_fraction_of_valid": counts["changed"] / valid if valid else 0.0,
+            "changed_area_m2": changed_m2[0],
+            "blocks": len(plan),
+            "blocks_resumed": resumed,
+            "patches_scored_this_run": patches,
+        },
+        "polygons": {**vectors, **asdict(options.polygons)},
+        "timings_s": {
+            "checksums": round(checksum_s, 3),
+            "scoring": round(score_s, 3),
+            "writing": round(write_s, 3),
+            "polygons": round(vector_s, 3),
+            "quicklook": round(quicklook_s, 3),
+            "total": round(time.perf_counter() - t_start, 3),
+        },
+        "megapixels_per_second": round(sum(b.height * b.width for b in todo) / 1e6 / score_s, 4)
+        if todo and score_s > 0
+        else None,
+        "software": f"rarechange {__version__}",
+    }
+    write_json_atomic(summary_path, summary)
+    remove_tree(partial)
+    return summary
+
+
+def _file_info(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise PairError(f"no such file: {path}")
+    return {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+class _PixelArea:
+    """Square metres of changed pixels: pixel area for projected CRSs; for geographic ones the
+    spherical area of each row's pixels at its latitude (exact enough for reporting)."""
+
+    EARTH_RADIUS_M = 6_371_008.8
+
+    def __init__(self, grid: Any) -> None:
+        t = grid.transform
+        self.grid = grid
+        self.geographic = grid.crs is not None and grid.crs.is_geographic
+        unit = 1.0
+        if grid.crs is not None and not self.geographic and grid.crs.linear_units_factor:
+            unit = float(grid.crs.linear_units_factor[1])
+        self.pixel_m2 = abs(t.a * t.e - t.b * t.d) * unit * unit
+
+    def of(self, block: blk.Block, changed: np.ndarray) -> float:
+        if not self.geographic:
+            return float(changed.sum()) * self.pixel_m2
+        t = self.grid.transform
+        rows = np.arange(block.row, block.row + block.height) + 0.5
+        lat = np.radians(t.f + rows * t.e + (block.col + block.width / 2) * t.d)
+        r = self.EARTH_RADIUS_M
+        row_m2 = abs(math.radians(t.a) * math.radians(t.e)) * r * r * np.cos(lat)
+        return float((changed.sum(axis=1) * row_m2).sum())

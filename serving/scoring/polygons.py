@@ -1,0 +1,145 @@
+"""Changed areas as polygons: GDAL's polygonize over the mask raster, streamed, never the whole
+scene in memory; each polygon with its area in square metres and the max and mean probability of
+its pixels (read from the probability raster over the polygon's own bounding window only)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import rasterio.features
+import shapely.affinity
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.warp import transform_geom
+from rasterio.windows import Window
+from shapely.geometry import mapping, shape
+
+WGS84 = CRS.from_epsg(4326)
+METRES_PER_DEGREE = 111_320.0  # along a meridian; only to turn a --simplify in metres to degrees
+
+
+@dataclass(frozen=True)
+class PolygonOptions:
+    min_area_m2: float = 0.0
+    simplify_m: float = 0.0  # Douglas-Peucker tolerance, in metres on the ground
+    wgs84: bool = False  # write EPSG:4326 (RFC 7946) instead of the raster's CRS
+    connectivity: int = 8
+
+
+def write_geojson(
+    path: Path, mask_path: Path, probability_path: Path, options: PolygonOptions
+) -> dict[str, Any]:
+    """Polygons of the changed pixels into ``path`` (atomic); returns counts and total area."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    n, area_total, dropped = 0, 0.0, 0
+    with (
+        rasterio.open(mask_path) as mask_ds,
+        rasterio.open(probability_path) as prob_ds,
+        open(tmp, "w") as out,
+    ):
+        crs = mask_ds.crs
+        transform = mask_ds.transform
+        to_m = _metres_per_unit(crs)
+        out_crs = WGS84 if options.wgs84 and crs is not None else crs
+        header: dict[str, Any] = {"type": "FeatureCollection"}
+        if out_crs is not None and out_crs != WGS84:
+            header["crs"] = {"type": "name", "properties": {"name": _crs_name(out_crs)}}
+        out.write(json.dumps(header)[:-1] + ', "features": [\n')
+        band = rasterio.band(mask_ds, 1)
+        to_pixels = _shapely_affine(~transform)
+        # from a band, GDAL polygonizes line by line and gives coordinates in the raster's CRS
+        for geom, value in rasterio.features.shapes(
+            band, mask=band, connectivity=options.connectivity
+        ):
+            if value != 1:
+                continue  # nodata (255) polygons
+            world = shape(geom)
+            pixel_poly = shapely.affinity.affine_transform(world, to_pixels)
+            area = _area_m2(world, crs, to_m)
+            if area < options.min_area_m2:
+                dropped += 1
+                continue
+            p_max, p_mean, pixels = _zonal(prob_ds, pixel_poly)
+            if options.simplify_m > 0:
+                world = world.simplify(options.simplify_m / to_m, preserve_topology=True)
+            geometry = mapping(world)
+            if out_crs is not None and out_crs != crs:
+                geometry = transform_geom(crs, out_crs, geometry)
+            feature = {
+                "type": "Feature",
+                "id": n,
+                "geometry": geometry,
+                "properties": {
+                    "area_m2": round(area, 3),
+                    "pixels": pixels,
+                    "max_probability": round(p_max, 6),
+                    "mean_probability": round(p_mean, 6),
+                },
+            }
+            out.write(("" if n == 0 else ",\n") + json.dumps(feature))
+            n += 1
+            area_total += area
+        out.write("\n]}\n")
+        out.flush()
+        os.fsync(out.fileno())
+    os.replace(tmp, path)
+    return {
+        "polygons": n,
+        "polygons_below_min_area": dropped,
+        "changed_area_m2_in_polygons": area_total,
+        "crs": _crs_name(out_crs) if out_crs else None,
+    }
+
+
+def _zonal(prob_ds: Any, pixel_poly: Any) -> tuple[float, float, int]:
+    """(max, mean, count) of the probabilities under a polygon given in pixel coordinates."""
+    minx, miny, maxx, maxy = pixel_poly.bounds  # pixel edges: whole numbers
+    c0, r0 = max(0, math.floor(minx)), max(0, math.floor(miny))
+    c1, r1 = min(prob_ds.width, math.ceil(maxx)), min(prob_ds.height, math.ceil(maxy))
+    window = Window(c0, r0, c1 - c0, r1 - r0)
+    values = prob_ds.read(1, window=window, masked=True)
+    inside = rasterio.features.geometry_mask(
+        [pixel_poly], out_shape=values.shape, transform=Affine.translation(c0, r0), invert=True
+    )
+    # nodata (PROBABILITY_NODATA or UINT8_NODATA) is masked; uint8 maps carry their scale
+    chosen = values[inside & ~np.ma.getmaskarray(values)].astype(np.float64) * prob_ds.scales[0]
+    if not len(chosen):
+        return float("nan"), float("nan"), 0
+    return float(chosen.max()), float(chosen.mean()), len(chosen)
+
+
+def _shapely_affine(t: Affine) -> list[float]:
+    return [t.a, t.b, t.d, t.e, t.c, t.f]
+
+
+def _metres_per_unit(crs: CRS | None) -> float:
+    """Metres per CRS unit for projected CRSs; for geographic ones, metres per degree (used only
+    to scale a --simplify tolerance); 1 for rasters without a CRS (pixels)."""
+    if crs is None:
+        return 1.0
+    if crs.is_geographic:
+        return METRES_PER_DEGREE
+    factor = crs.linear_units_factor[1] if crs.linear_units_factor else 1.0
+    return float(factor)
+
+
+def _area_m2(world: Any, crs: CRS | None, to_m: float) -> float:
+    """Projected CRS: planar area times the unit factor squared. Geographic CRS: the area after
+    projecting the polygon to a Lambert azimuthal equal-area projection centred on it."""
+    if crs is None or not crs.is_geographic:
+        return float(world.area) * to_m * to_m
+    c = world.centroid
+    laea = CRS.from_proj4(f"+proj=laea +lat_0={c.y} +lon_0={c.x} +units=m +datum=WGS84")
+    return float(shape(transform_geom(crs, laea, mapping(world))).area)
+
+
+def _crs_name(crs: CRS) -> str:
+    epsg = crs.to_epsg()
+    return f"urn:ogc:def:crs:EPSG::{epsg}" if epsg else crs.to_wkt()
