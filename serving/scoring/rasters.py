@@ -33,6 +33,10 @@ class PairError(InvalidInput):
     (exit 1 / a failed manifest row); the message says why."""
 
 
+class UnreadableInput(PairError):
+    """A file could not be opened or read: maybe transient (network storage), so retried."""
+
+
 class UsageProblem(PairError):
     """The request does not fit the pair or the model (bands, pixel type, flags): bad usage
     (exit 2 for a single pair); the message names the flag that fixes it."""
@@ -264,7 +268,7 @@ def _open(path: Path, role: str) -> Any:
     try:
         return rasterio.open(path)
     except rasterio.errors.RasterioIOError as exc:
-        raise PairError(f"cannot read the {role} image {path}: {exc}") from exc
+        raise UnreadableInput(f"cannot read the {role} image {path}: {exc}") from exc
 
 
 def _choose_bands(
