@@ -65,8 +65,23 @@ def tiles_for(block: Block, height: int, width: int, patch: int, stride: int) ->
     c0, c1 = int(cols[0]), int(cols[-1]) + patch
     top, left = max(0, -r0), max(0, -c0)
     bottom, right = max(0, r1 - height), max(0, c1 - width)
-    read = Window(c0 + left, r0 + top, (c1 - right) - (c0 + left), (r1 - bottom) - (r0 + top))
+    # the mirror past a border reads the scene's first (last) `pad` rows: read them too, or a
+    # block narrower than its padding would mirror itself, not the scene (the window may then
+    # start before the first tile or end after the last: score_block offsets the tiles)
+    rr0, rr1 = _mirror_source(r0 + top, r1 - bottom, top, bottom, height)
+    cc0, cc1 = _mirror_source(c0 + left, c1 - right, left, right, width)
+    read = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
     return BlockTiles(rows, cols, read, (top, bottom, left, right))
+
+
+def _mirror_source(start: int, stop: int, before: int, after: int, length: int) -> tuple[int, int]:
+    """[start, stop) of one axis, grown to hold what ``before``/``after`` pixels of symmetric
+    padding mirror at the scene's borders (the whole axis when the padding is longer)."""
+    if before:
+        stop = max(stop, min(length, before))
+    if after:
+        start = min(start, max(0, length - after))
+    return start, stop
 
 
 def _touching(origins: list[int], start: int, length: int, patch: int) -> np.ndarray:
@@ -110,8 +125,9 @@ def score_block(
             )
             for p in planes
         ]
-        local_r = (tiles.rows - tiles.rows[0]).astype(np.intp)
-        local_c = (tiles.cols - tiles.cols[0]).astype(np.intp)
+        top, _, left, _ = tiles.pad
+        local_r = (tiles.rows - (tiles.read.row_off - top)).astype(np.intp)
+        local_c = (tiles.cols - (tiles.read.col_off - left)).astype(np.intp)
         flat = prob.reshape(-1)
         for part, waiter in _pipelined(index, chunk, views, local_r, local_c, n_c, submit):
             flat[part] = waiter()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 from tqdm import tqdm
 
 from serving import __version__
@@ -40,7 +41,7 @@ from serving.scoring.outputs import (
     write_json_atomic,
 )
 from serving.scoring.polygons import PolygonOptions, write_geojson
-from serving.scoring.quicklook import write_quicklook
+from serving.scoring.quicklook import Canvas, write_quicklook
 from serving.scoring.rasters import PairError, RasterPair, UsageProblem, file_sha256
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,7 @@ class ScoreOptions:
     quicklook: bool = True
     resume: bool = False
     overwrite: bool = False
+    gdal_cache_mb: int = 8  # GDAL's block cache; its default (5 % of RAM) grows with the scene
 
 
 class ModelScorer:
@@ -110,6 +112,19 @@ def score_pair(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Score ``before``/``after`` into ``out``; returns the summary (also ``out/summary.json``)."""
+    # rasterio passes an int GDAL_CACHEMAX to GDALSetCacheMax64: bytes, not megabytes
+    with rasterio.Env(GDAL_CACHEMAX=options.gdal_cache_mb * 1024 * 1024):
+        return _score_pair(before, after, out, scorer, options, progress)
+
+
+def _score_pair(
+    before: Path,
+    after: Path,
+    out: Path,
+    scorer: ModelScorer,
+    options: ScoreOptions,
+    progress: bool,
+) -> dict[str, Any]:
     t_start = time.perf_counter()
     meta = scorer.metadata
     stride = options.stride or meta.recommended_stride
@@ -138,20 +153,42 @@ def score_pair(
         "resampling": options.resampling,
         "rescale": options.rescale,
         "stride": stride,
-        "block_size": options.block_size,
     }
+    # what a finished run's files depend on: not the block size (the partial run's block
+    # files do), but the threshold and the output options
+    produced = {
+        **job,
+        "threshold": threshold,
+        "outputs": [options.probability_dtype, asdict(options.polygons), options.quicklook],
+    }
+    pixels = hashlib.sha256(json.dumps(produced, sort_keys=True).encode()).hexdigest()[:16]
+    job["block_size"] = options.block_size
     digest = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:16]
+    # refuse a pair that cannot be scored before touching anything in `out`
+    RasterPair.open(
+        before,
+        after,
+        meta,
+        options.bands_before,
+        options.bands_after,
+        options.resampling,
+        options.rescale,
+    ).close()
 
-    if summary_path.exists():
+    if summary_path.exists() and not options.overwrite:
         done = json.loads(summary_path.read_text())
-        if options.resume and done.get("job") == digest:
-            log.info("%s: already complete", out)
-            return {**done, "status": "already complete"}
-        if not (options.overwrite or options.resume):
+        if not options.resume:
             raise UsageProblem(
                 f"{out} already holds a finished run ({summary_path}); pass --overwrite to "
                 "replace it or choose another --out"
             )
+        if done.get("pixels") != pixels:
+            raise UsageProblem(
+                f"{out} holds a finished run made with other inputs, model or settings; pass "
+                "--overwrite to replace it"
+            )
+        log.info("%s: already complete", out)
+        return {**done, "status": "already complete"}
     job_path = partial / "job.json"
     if partial.exists():
         previous = json.loads(job_path.read_text()).get("digest") if job_path.exists() else None
@@ -186,6 +223,7 @@ def score_pair(
         grid = pair.grid
         plan = blk.plan(grid.height, grid.width, options.block_size)
         todo = [b for b in plan if not store.has(b.index)]
+        canvas = Canvas(grid.height, grid.width, len(pair.bands_before))
         resumed = len(plan) - len(todo)
         t0 = time.perf_counter()
         patches = 0
@@ -200,6 +238,7 @@ def score_pair(
             for block in todo:
                 tiles = blk.tiles_for(block, grid.height, grid.width, meta.patch_size, stride)
                 b_img, a_img, valid = pair.read(tiles.read)
+                canvas.add(block, (tiles.read.row_off, tiles.read.col_off), b_img, a_img, valid)
                 prob, n = blk.score_block(
                     block, b_img, a_img, valid, tiles, meta.patch_size, stride, scorer.submit
                 )
@@ -264,7 +303,11 @@ def score_pair(
         vector_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         if options.quicklook:
-            write_quicklook(out / "quicklook.png", pair, prob_path)
+            scored = {b.index for b in todo}
+            for block in plan:  # blocks a previous attempt scored: read them for the picture
+                if block.index not in scored:
+                    canvas.add(block, (block.row, block.col), *pair.read(block.window))
+            write_quicklook(out / "quicklook.png", canvas, prob_path)
         quicklook_s = time.perf_counter() - t0
         described = pair.describe()
 
@@ -272,6 +315,7 @@ def score_pair(
     summary = {
         "status": "done",
         "job": digest,
+        "pixels": pixels,
         "before": str(before),
         "after": str(after),
         "inputs": inputs,

@@ -1,5 +1,8 @@
-"""before | after | probability, small enough to open anywhere; read from overviews, so a
-16k x 16k scene costs what a 1k one does."""
+"""before | after | probability, small enough to open anywhere.
+
+The dates are sampled (nearest pixel) from the blocks as they are scored, so the inputs are not
+read a second time; the probability comes from the COG's overviews. A 16k x 16k scene costs what
+a 1k one does."""
 
 from __future__ import annotations
 
@@ -11,7 +14,7 @@ import rasterio
 from PIL import Image
 from rasterio.enums import Resampling
 
-from serving.scoring.rasters import RasterPair
+from serving.scoring.blocks import Block
 
 NODATA_GREY = 64
 
@@ -36,16 +39,50 @@ def heat(probability: np.ndarray) -> np.ndarray:
     return out
 
 
-def write_quicklook(
-    path: Path, pair: RasterPair, probability_path: Path, max_side: int = 512, gap: int = 6
-) -> Path:
-    before, vb = pair.read_overview("before", max_side)
-    after, va = pair.read_overview("after", max_side)
-    h, w = before.shape[:2]
+class Canvas:
+    """The quicklook's before and after, filled block by block."""
+
+    def __init__(self, height: int, width: int, channels: int, max_side: int = 512) -> None:
+        scale = max(1.0, max(height, width) / max_side)
+        h, w = max(1, round(height / scale)), max(1, round(width / scale))
+        # the scene pixel at the centre of each quicklook pixel
+        self.rows = np.minimum(((np.arange(h) + 0.5) * height / h).astype(np.int64), height - 1)
+        self.cols = np.minimum(((np.arange(w) + 0.5) * width / w).astype(np.int64), width - 1)
+        self.before = np.zeros((h, w, channels), np.float64)
+        self.after = np.zeros((h, w, channels), np.float64)
+        self.valid = np.zeros((h, w), bool)
+
+    def add(
+        self,
+        block: Block,
+        origin: tuple[int, int],
+        before: np.ndarray,
+        after: np.ndarray,
+        valid: np.ndarray,
+    ) -> None:
+        """``before``/``after``/``valid``: a window of the scene whose first pixel is ``origin``
+        (row, col) and which holds the block."""
+        ri = np.flatnonzero((self.rows >= block.row) & (self.rows < block.row + block.height))
+        ci = np.flatnonzero((self.cols >= block.col) & (self.cols < block.col + block.width))
+        if not len(ri) or not len(ci):
+            return
+        r = (self.rows[ri] - origin[0])[:, None]
+        c = (self.cols[ci] - origin[1])[None, :]
+        self.before[ri[:, None], ci[None, :]] = before[r, c]
+        self.after[ri[:, None], ci[None, :]] = after[r, c]
+        self.valid[ri[:, None], ci[None, :]] = valid[r, c]
+
+
+def write_quicklook(path: Path, canvas: Canvas, probability_path: Path, gap: int = 6) -> Path:
+    h, w = canvas.valid.shape
     with rasterio.open(probability_path) as ds:
         prob = ds.read(1, out_shape=(h, w), resampling=Resampling.nearest, masked=True)
         prob = np.ma.filled(prob.astype(np.float64) * ds.scales[0], np.nan)
-    panels = [stretch(before, vb), stretch(after, va), heat(prob)]
+    panels = [
+        stretch(canvas.before, canvas.valid),
+        stretch(canvas.after, canvas.valid),
+        heat(prob),
+    ]
     sep = np.full((h, gap, 3), 255, np.uint8)
     image = np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1)
     tmp = path.with_name(f".{path.name}.tmp")

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.enums import MaskFlags, Resampling
+from rasterio.enums import ColorInterp, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -26,6 +26,7 @@ from serving.errors import InvalidInput
 from serving.metadata import ModelMetadata
 
 RESAMPLING = ("nearest", "bilinear", "cubic", "average", "lanczos")
+WARP_TOLERANCE_PX = 1e-9
 
 
 class PairError(InvalidInput):
@@ -169,8 +170,14 @@ class RasterPair:
                 width=b.width,
                 height=b.height,
                 resampling=Resampling[resampling],
-                # outside the after footprint must read as masked, whatever nodata it has
-                add_alpha=a.nodata is None,
+                # outside the after footprint must read as masked, whatever nodata it has (an
+                # alpha band of the after's own is warped and does that; GDAL refuses a second)
+                add_alpha=a.nodata is None and ColorInterp.alpha not in a.colorinterp,
+                # GDAL's default approximate transformer (0.125 px) interpolates coordinates
+                # along each requested row, so a pixel's value would depend on the window it
+                # is read in: blocks would differ from the whole scene (up to 3 DN here). A
+                # tolerance this small transforms every pixel exactly (tolerance=0 is refused)
+                tolerance=WARP_TOLERANCE_PX,
             )
         return cls(
             before_path=Path(b.name),
@@ -224,19 +231,6 @@ class RasterPair:
             data = np.nan_to_num(data)
         return np.ascontiguousarray(data.transpose(1, 2, 0)), valid
 
-    def read_overview(self, which: str, max_side: int) -> tuple[np.ndarray, np.ndarray]:
-        """A decimated (h, w, C) view of one date on the grid, and its valid mask (quicklook)."""
-        ds, bands = (
-            (self._before, self.bands_before)
-            if which == "before"
-            else (self._after, self.bands_after)
-        )
-        scale = max(1.0, max(self.grid.height, self.grid.width) / max_side)
-        shape = (max(1, round(self.grid.height / scale)), max(1, round(self.grid.width / scale)))
-        data = ds.read(list(bands), out_shape=(len(bands), *shape), resampling=Resampling.nearest)
-        valid = ds.read_masks(list(bands), out_shape=(len(bands), *shape)).min(axis=0) > 0
-        return np.nan_to_num(data.transpose(1, 2, 0).astype(np.float64)), valid
-
     def describe(self) -> dict[str, Any]:
         return {
             "grid": {
@@ -275,10 +269,10 @@ def _choose_bands(
     ds: Any, bands: tuple[int, ...] | None, channels: int, role: str
 ) -> tuple[int, ...]:
     if bands is None:
-        # an alpha band is a mask, not a channel
-        data = tuple(
-            i for i in range(1, ds.count + 1) if MaskFlags.alpha not in ds.mask_flag_enums[i - 1]
-        )
+        # an alpha band is a mask, not a channel (the data bands carry MaskFlags.alpha; the
+        # alpha band itself is known by its colour interpretation)
+        interp = ds.colorinterp
+        data = tuple(i for i in range(1, ds.count + 1) if interp[i - 1] != ColorInterp.alpha)
         if len(data) != channels:
             raise UsageProblem(
                 f"the {role} image {ds.name} has {len(data)} bands, the model reads {channels}: "

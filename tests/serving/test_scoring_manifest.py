@@ -10,8 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
-from click.testing import CliRunner
 from affine import Affine
+from click.testing import CliRunner
 
 from serving.cli.main import cli
 from serving.config import ServerSettings
@@ -228,6 +228,10 @@ def test_cli_exit_codes(pairs: dict, tmp_path: Path) -> None:
     assert again.exit_code == 2 and "--overwrite" in again.output
     resumed = runner.invoke(cli, [*args, "--out", str(tmp_path / "one"), "--resume", "--quiet"])
     assert resumed.exit_code == 0, resumed.output
+    other = runner.invoke(
+        cli, [*args, "--out", str(tmp_path / "one"), "--resume", "--threshold", "0.1"]
+    )
+    assert other.exit_code == 2 and "other inputs, model or settings" in other.output
     bands = runner.invoke(cli, [*args, "--out", str(tmp_path / "b"), "--bands", "1,2"])
     assert bands.exit_code == 2 and "--bands" in bands.output
     both = runner.invoke(cli, [*args, "--out", str(tmp_path / "c"), "--resume", "--overwrite"])
