@@ -13,12 +13,15 @@ import json
 import os
 import shutil
 from collections.abc import Callable, Iterable
+from html import escape
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import rasterio
 import rasterio.shutil
+from affine import Affine
+from rasterio.windows import Window
 
 from serving.scoring.blocks import Block
 from serving.scoring.rasters import Grid
@@ -91,50 +94,141 @@ def write_cog(
     description: str = "",
     work: Path | None = None,
 ) -> Path:
-    """Assemble ``pixels(block)`` for every block into a COG at ``path`` (atomic)."""
+    """Assemble ``pixels(block)`` for every block into a COG at ``path`` (atomic).
+
+    The overview levels are made here, each halving the previous one window by window, and
+    handed to GDAL's COG driver through a VRT that lists them: GDAL's own overview pass works
+    on strips of the full raster width (32 MB at 16k float32) and its memory would grow with
+    the scene. ``resampling``: "average" (nodata-aware mean) or "nearest"."""
     work = work or path.parent
     work.mkdir(parents=True, exist_ok=True)
     staged = work / f".{path.stem}.staging.tif"
     final_tmp = path.with_name(f".{path.name}.tmp")
-    profile = {
-        "driver": "GTiff",
-        "height": grid.height,
-        "width": grid.width,
-        "count": 1,
-        "dtype": dtype,
-        "crs": grid.crs,
-        "transform": grid.transform,
-        "nodata": nodata,
-        "tiled": True,
-        "blockxsize": COG_BLOCK,
-        "blockysize": COG_BLOCK,
-        "compress": "deflate",
-        "BIGTIFF": "IF_SAFER",
-    }
+    profile = _staging_profile(grid.height, grid.width, dtype, nodata, grid)
     with rasterio.open(staged, "w", **profile) as dst:
         for block in blocks:
             dst.write(pixels(block), 1, window=block.window)
-        if tags:
-            dst.update_tags(**tags)
-        if scale is not None:
-            dst.scales = (scale,)
-            dst.offsets = (0.0,)
-        if description:
-            dst.set_band_description(1, description)
+    levels = [staged]
+    height, width = grid.height, grid.width
+    while max(height, width) > COG_BLOCK:
+        height, width = -(-height // 2), -(-width // 2)
+        level = work / f".{path.stem}.staging.ov{2 ** len(levels)}.tif"
+        _halve(levels[-1], level, height, width, dtype, nodata, resampling)
+        levels.append(level)
+    vrt = work / f".{path.stem}.staging.vrt"
+    vrt.write_text(_vrt(grid, dtype, nodata, levels, tags or {}, scale, description))
     rasterio.shutil.copy(
-        staged,
+        vrt,
         final_tmp,
         driver="COG",
         COMPRESS="DEFLATE",
         PREDICTOR="YES" if dtype == "float32" else "NO",
         BLOCKSIZE=COG_BLOCK,
-        OVERVIEWS="AUTO",
-        OVERVIEW_RESAMPLING=resampling.upper(),
+        OVERVIEWS="FORCE_USE_EXISTING",
         BIGTIFF="IF_SAFER",
     )
-    staged.unlink()
+    for f in (vrt, *levels):
+        f.unlink()
     os.replace(final_tmp, path)
     return path
+
+
+def _staging_profile(
+    height: int, width: int, dtype: str, nodata: float, grid: Grid | Any, factor: int = 1
+) -> dict:
+    return {
+        "transform": grid.transform @ Affine.scale(factor),
+        "driver": "GTiff",
+        "height": height,
+        "width": width,
+        "count": 1,
+        "dtype": dtype,
+        "crs": grid.crs,
+        "nodata": nodata,
+        "tiled": True,
+        "blockxsize": COG_BLOCK,
+        "blockysize": COG_BLOCK,
+        "compress": "deflate",
+        "zlevel": 1,  # read back once: speed over size
+        "BIGTIFF": "IF_SAFER",
+    }
+
+
+def _halve(
+    src: Path,
+    dst: Path,
+    height: int,
+    width: int,
+    dtype: str,
+    nodata: float,
+    resampling: str,
+    window: int = 1024,
+) -> None:
+    """One overview level: every 2 x 2 cell of ``src`` -> one pixel, ``window`` rows at a time."""
+    with (
+        rasterio.open(src) as s,
+        rasterio.open(dst, "w", **_staging_profile(height, width, dtype, nodata, s, factor=2)) as d,
+    ):
+        for r in range(0, height, window):
+            for c in range(0, width, window):
+                h, w = min(window, height - r), min(window, width - c)
+                src_win = Window(
+                    2 * c, 2 * r, min(2 * w, s.width - 2 * c), min(2 * h, s.height - 2 * r)
+                )
+                data = s.read(1, window=src_win)
+                cells = np.full((2 * h, 2 * w), nodata, data.dtype)
+                cells[: data.shape[0], : data.shape[1]] = data
+                cells = cells.reshape(h, 2, w, 2).transpose(0, 2, 1, 3).reshape(h, w, 4)
+                d.write(
+                    _reduce(cells, nodata, resampling).astype(dtype), 1, window=Window(c, r, w, h)
+                )
+
+
+def _reduce(cells: np.ndarray, nodata: float, resampling: str) -> np.ndarray:
+    """(h, w, 4) 2 x 2 cells -> (h, w): the mean of the valid ones, or the first valid one."""
+    valid = cells != nodata
+    any_valid = valid.any(axis=2)
+    if resampling == "nearest":
+        first = np.take_along_axis(cells, valid.argmax(axis=2)[..., None], axis=2)[..., 0]
+        return np.where(any_valid, first, nodata)
+    values = np.where(valid, cells.astype(np.float64), 0.0)
+    mean = values.sum(axis=2) / np.maximum(valid.sum(axis=2), 1)
+    if np.issubdtype(cells.dtype, np.integer):
+        mean = np.rint(mean)
+    return np.where(any_valid, mean, nodata)
+
+
+def _vrt(
+    grid: Grid,
+    dtype: str,
+    nodata: float,
+    levels: list[Path],
+    tags: dict[str, str],
+    scale: float | None,
+    description: str,
+) -> str:
+    """A VRT of the full-resolution staging raster whose overviews are ``levels[1:]``."""
+    gdal_type = {"float32": "Float32", "uint8": "Byte"}[dtype]
+    srs = f"<SRS>{escape(grid.crs.to_wkt())}</SRS>" if grid.crs is not None else ""
+    geo = ", ".join(repr(float(v)) for v in grid.transform.to_gdal())
+    metadata = "".join(f'<MDI key="{escape(k)}">{escape(v)}</MDI>' for k, v in tags.items())
+    band_extra = f"<Description>{escape(description)}</Description>" if description else ""
+    if scale is not None:
+        band_extra += f"<Scale>{scale!r}</Scale><Offset>0</Offset>"
+    overviews = "".join(
+        f'<Overview><SourceFilename relativeToVRT="0">{escape(str(p))}</SourceFilename>'
+        "<SourceBand>1</SourceBand></Overview>"
+        for p in levels[1:]
+    )
+    return (
+        f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">{srs}'
+        f"<GeoTransform>{geo}</GeoTransform><Metadata>{metadata}</Metadata>"
+        f'<VRTRasterBand dataType="{gdal_type}" band="1">{band_extra}'
+        f"<NoDataValue>{nodata!r}</NoDataValue>"
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{escape(str(levels[0]))}'
+        "</SourceFilename><SourceBand>1</SourceBand></SimpleSource>"
+        f"{overviews}</VRTRasterBand></VRTDataset>\n"
+    )
 
 
 def remove_tree(path: Path) -> None:
