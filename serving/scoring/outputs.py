@@ -162,7 +162,7 @@ def _halve(
     dtype: str,
     nodata: float,
     resampling: str,
-    window: int = 1024,
+    window: int = 256,
 ) -> None:
     """One overview level: every 2 x 2 cell of ``src`` -> one pixel, ``window`` rows at a time."""
     with (
