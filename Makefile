@@ -8,6 +8,10 @@ export RARECHANGE_DATA ?= $(SHARED_DATA)
 # One stamp per install flavour, remade when pyproject.toml changes.
 SERVE_STAMP := $(VENV)/.stamp-serve
 DEV_STAMP   := $(VENV)/.stamp-dev
+# checkov (the manifests' and Dockerfiles' security scan) pins packages the project also uses,
+# so it lives in its own venv; tests/deploy/test_checkov.py finds it through RARECHANGE_CHECKOV
+CHECKOV_VENV := .venv-checkov
+CHECKOV      := $(CHECKOV_VENV)/bin/checkov
 
 .PHONY: demo test lint proto proto-check bench model model-aerial clean help
 
@@ -36,8 +40,12 @@ $(DEV_STAMP): pyproject.toml | $(BIN)/python
 demo: $(SERVE_STAMP)
 	$(BIN)/rarechange demo --out out
 
-test: $(DEV_STAMP)
-	$(BIN)/python -m pytest tests
+$(CHECKOV): deploy/security/install-checkov.sh
+	PYTHON=$(PYTHON) bash deploy/security/install-checkov.sh $(CHECKOV_VENV)
+	@touch $@
+
+test: $(DEV_STAMP) $(CHECKOV)
+	RARECHANGE_CHECKOV=$(abspath $(CHECKOV)) $(BIN)/python -m pytest tests
 
 lint: $(DEV_STAMP)
 	$(BIN)/ruff check .

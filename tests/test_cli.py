@@ -46,11 +46,12 @@ def test_help_imports_nothing_heavy() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_unavailable_subcommands_fail_clearly(tmp_path: Path) -> None:
+def test_score_fails_clearly_on_a_file_that_is_not_a_raster(tmp_path: Path) -> None:
     tif = tmp_path / "a.tif"
     tif.write_bytes(b"x")
     result = CliRunner().invoke(cli, ["score", str(tif), str(tif), "--out", str(tmp_path / "o")])
-    assert result.exit_code == 1 and "not available" in result.output
+    assert result.exit_code == 1 and "cannot read the before image" in result.output
+    assert not (tmp_path / "o" / "summary.json").exists()
 
 
 def test_serve_refuses_an_empty_models_dir(tmp_path: Path) -> None:
