@@ -49,7 +49,13 @@ class ServerSettings(BaseSettings):
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
     auth_token: SecretStr | None = None
+    # the token from a file (a mounted Kubernetes Secret), so it never sits in the environment
+    auth_token_file: Path | None = None
     max_concurrent_streams: int = Field(64, ge=1)  # per connection (HTTP/2)
+    # close connections after this long (0: never), so that clients behind a Service spread over
+    # replicas the autoscaler adds; in-flight calls get max_connection_age_grace_s to finish
+    max_connection_age_s: float = Field(0.0, ge=0)
+    max_connection_age_grace_s: float = Field(30.0, ge=0)
 
     @model_validator(mode="after")
     def _tls_files(self) -> ServerSettings:
@@ -57,10 +63,17 @@ class ServerSettings(BaseSettings):
             raise ValueError("tls_cert and tls_key go together: set both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ValueError("tls_client_ca (mutual TLS) needs tls_cert and tls_key")
-        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+        for name in ("tls_cert", "tls_key", "tls_client_ca", "auth_token_file"):
             path = getattr(self, name)
             if path is not None and not path.is_file():
                 raise ValueError(f"{name}: {path} is not a readable file")
+        if self.auth_token_file is not None:
+            if self.auth_token is not None:
+                raise ValueError("auth_token and auth_token_file: set one, not both")
+            token = self.auth_token_file.read_text().strip()
+            if not token:
+                raise ValueError(f"auth_token_file: {self.auth_token_file} is empty")
+            self.auth_token = SecretStr(token)
         return self
 
 

@@ -28,6 +28,20 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ChangeDetection"].full_name
 
 
+def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
+    """The gRPC server's channel arguments, from the settings."""
+    options = [
+        *channel_options(settings.max_message_bytes),
+        ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
+    ]
+    if settings.max_connection_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", int(settings.max_connection_age_grace_s * 1000)),
+        ]
+    return options
+
+
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
     """Both directions set explicitly: gRPC's 4 MiB default is too small for image pairs."""
     return [
@@ -111,10 +125,7 @@ def create_server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
         # metrics outermost, so that calls refused by the others are counted too
         interceptors=[metrics.interceptor, *server_interceptors(settings)],
-        options=[
-            *channel_options(settings.max_message_bytes),
-            ("grpc.max_concurrent_streams", settings.max_concurrent_streams),
-        ],
+        options=server_options(settings),
     )
     pb_grpc.add_ChangeDetectionServicer_to_server(
         ChangeDetectionServicer(ChangeDetectionCore(repository), settings), server

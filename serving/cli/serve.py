@@ -64,6 +64,20 @@ _FILE = click.Path(exists=False, dir_okay=False, path_type=Path)
     help="Require 'authorization: Bearer TOKEN' on calls [RARECHANGE_AUTH_TOKEN].",
 )
 @click.option(
+    "--token-file",
+    "auth_token_file",
+    type=_FILE,
+    default=None,
+    help="Read the bearer token from this file (a mounted secret) [RARECHANGE_AUTH_TOKEN_FILE].",
+)
+@click.option(
+    "--max-connection-age-s",
+    type=float,
+    default=None,
+    help="Close client connections after this long, 0 never, so load spreads over new "
+    "replicas [0].",
+)
+@click.option(
     "--kserve/--no-kserve", default=None, help="Also serve the Open Inference Protocol [on]."
 )
 @click.option("--warmup/--no-warmup", default=None, help="Warm every model up before SERVING.")

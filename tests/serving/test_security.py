@@ -224,6 +224,28 @@ def test_token_is_required_and_checked(start_server, pair) -> None:
         assert streamed.response.mask_png
 
 
+def test_token_from_a_file(start_server, tmp_path: Path) -> None:
+    """A mounted secret: the token never sits in the environment or on the command line."""
+    secret = tmp_path / "token"
+    secret.write_text(TOKEN + "\n")  # kubectl-created secrets often end with a newline
+    server = start_server(auth_token_file=secret)
+    with ChangeDetectionClient(server.address, token=TOKEN) as client:
+        assert client.list_models()
+    with ChangeDetectionClient(server.address, token="wrong") as client:
+        with pytest.raises(grpc.RpcError) as err:
+            client.list_models()
+        assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    empty = tmp_path / "empty"
+    empty.write_text("\n")
+    for kwargs, problem in (
+        ({"auth_token_file": empty}, "is empty"),
+        ({"auth_token_file": tmp_path / "absent"}, "not a readable file"),
+        ({"auth_token_file": secret, "auth_token": TOKEN}, "set one, not both"),
+    ):
+        with pytest.raises(ValidationError, match=problem):
+            ServerSettings(**kwargs)
+
+
 def test_malformed_authorization_is_unauthenticated(start_server) -> None:
     server = start_server(auth_token=TOKEN)
     with grpc.insecure_channel(server.address) as channel:

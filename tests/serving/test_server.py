@@ -198,3 +198,27 @@ def test_stream_size_mismatch_is_invalid(client, pair) -> None:
         client.stub.DetectChangeStream(iter(msgs), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "declared" in err.value.details()
+
+
+def test_max_connection_age_moves_clients_without_failing_calls(start_server, pair) -> None:
+    """Connections are closed after max_connection_age_s (so clients behind a Service reach new
+    replicas); the client reconnects and no call fails."""
+    from serving.config import ServerSettings
+    from serving.server import server_options
+
+    assert (
+        dict(server_options(ServerSettings(max_connection_age_s=1.5)))["grpc.max_connection_age_ms"]
+        == 1500
+    )
+    assert "grpc.max_connection_age_ms" not in dict(server_options(ServerSettings()))
+    server = start_server(max_connection_age_s=0.3, max_connection_age_grace_s=5)
+    before, after = encode_png(pair.before), encode_png(pair.after)
+    with ChangeDetectionClient(server.address) as client:
+        import time
+
+        t_end = time.monotonic() + 1.5
+        calls = 0
+        while time.monotonic() < t_end:
+            assert client.detect(before, after).mask.shape == (200, 300)
+            calls += 1
+        assert calls > 3
