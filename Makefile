@@ -20,7 +20,7 @@ help:
 	@echo "make test   - install everything, run the test suite"
 	@echo "make lint   - ruff"
 	@echo "make proto  - regenerate serving/api from proto/"
-	@echo "make bench  - run bench/ scripts"
+	@echo "make bench  - run every benchmark, rewrite docs/benchmarks.md"
 	@echo "make model  - retrain the bundled thin-path model (models/synthetic-thin)"
 	@echo "make model-aerial - retrain the bundled default model (models/aerial-rgb, needs ../shared/data)"
 
@@ -58,7 +58,7 @@ proto-check: $(DEV_STAMP)
 	$(BIN)/python proto/generate.py --check
 
 bench: $(DEV_STAMP)
-	@for script in bench/*.py; do echo "== $$script"; $(BIN)/python $$script || exit 1; done
+	$(BIN)/python bench/run_all.py
 
 model: $(DEV_STAMP)
 	$(BIN)/rarechange train --preset thin --out runs/synthetic-thin

@@ -1,0 +1,38 @@
+"""`make bench`'s runner: it runs a real benchmark and writes the page with machine, versions,
+command and output (the quick settings, one short script, so the runner cannot rot)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_run_all_writes_the_page(tmp_path: Path) -> None:
+    out = tmp_path / "benchmarks.md"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "bench/run_all.py",
+            "--quick",
+            "--only",
+            "ort_vs_torch,gpu_providers",
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    page = out.read_text()
+    assert page.startswith("# Benchmarks") and "do not edit by hand" in page
+    for field in ("* date:", "* machine:", "onnxruntime ", "* GPU:"):
+        assert field in page
+    assert "Command: `python bench/ort_vs_torch.py --rounds 2`" in page
+    assert "onnxruntime / pytorch eager:" in page  # the script's own ratio line
+    assert "GPU: TensorRT FP16 vs CUDA fp32 vs CPU" in page  # reported, never faked
