@@ -69,6 +69,17 @@ class ChangeDetectionCore:
             raise InvalidInput(f"threshold must be in [0, 1], got {threshold}")
 
         h, w = req.before.shape[:2]
+        # the queue's bound, checked before tiling: the patches of a few-KB PNG at stride 1 are
+        # gigabytes, which submit() would refuse only after they had been cut out
+        count = len(tiling.axis_origins(h, meta.patch_size, stride)) * len(
+            tiling.axis_origins(w, meta.patch_size, stride)
+        )
+        if count > served.batcher.max_queue_size:
+            raise InvalidInput(
+                f"the pair needs {count} patches at stride {stride}, more than the queue holds "
+                f"({served.batcher.max_queue_size}); use a larger stride, a smaller image, or the "
+                "streaming/batch scoring path"
+            )
         tiles = tiling.grid(h, w, meta.patch_size, stride)
         before, after = tiling.extract_patches(
             req.before, req.after, tiles, meta.patch_size, stride

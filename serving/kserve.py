@@ -16,6 +16,7 @@ Triton backend, the tests). Hence :func:`reflection_pool` for the reflection ser
 from __future__ import annotations
 
 import logging
+import math
 import time
 import uuid
 from collections.abc import Callable, Iterable
@@ -79,6 +80,12 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def __init__(self, repository: ModelRepository, ready: ReadyFn) -> None:
         self.repository = repository
         self.ready = ready
+        # read once: importlib.metadata opens files in site-packages, and no request may make
+        # the server read a file
+        try:
+            self.version = importlib_metadata.version("rarechange")
+        except importlib_metadata.PackageNotFoundError:  # a source tree that was never installed
+            self.version = "0+unknown"
 
     # ------------------------------------------------------------------ health
     def ServerLive(
@@ -105,12 +112,8 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
     def ServerMetadata(
         self, request: kpb.ServerMetadataRequest, context: grpc.ServicerContext
     ) -> kpb.ServerMetadataResponse:
-        try:
-            version = importlib_metadata.version("rarechange")
-        except importlib_metadata.PackageNotFoundError:  # a source tree that was never installed
-            version = "0+unknown"
         # no protocol extensions (model repository, statistics, shared memory, ...) are offered
-        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=version, extensions=[])
+        return kpb.ServerMetadataResponse(name=SERVER_NAME, version=self.version, extensions=[])
 
     def ModelMetadata(
         self, request: kpb.ModelMetadataRequest, context: grpc.ServicerContext
@@ -205,7 +208,7 @@ def _tensor(
             f"{field}.shape: {shape}, model {meta.name!r} takes [N, {', '.join(map(str, patch))}] "
             "(patches, channels, height, width)"
         )
-    count = int(np.prod(shape))
+    count = math.prod(shape)  # exact: np.prod wraps around in int64 ([2**54, 3, 32, 32] -> 0)
     dtype = np.dtype(meta.input_dtype)
     if raw is not None:
         if tensor.HasField("contents"):
@@ -219,7 +222,7 @@ def _tensor(
             )
         # little-endian on the wire; astype copies only on a big-endian host
         array = np.frombuffer(raw, dtype=dtype.newbyteorder("<")).astype(dtype, copy=False)
-        return array.reshape(shape)
+        return _finite(array.reshape(shape), field)
     name = _CONTENTS[meta.input_dtype]
     values = getattr(tensor.contents, name)
     if len(values) != count:
@@ -232,7 +235,14 @@ def _tensor(
         if wide.size and int(wide.max()) > top:
             raise InvalidInput(f"{field}.contents.{name}: values above {top} for {datatype}")
         return wide.astype(dtype).reshape(shape)
-    return np.asarray(values, dtype=dtype).reshape(shape)
+    return _finite(np.asarray(values, dtype=dtype).reshape(shape), field)
+
+
+def _finite(array: np.ndarray, field: str) -> np.ndarray:
+    """NaN/Inf silently poison a model's normalisation: refused, as DetectChange refuses them."""
+    if array.dtype.kind == "f" and not np.isfinite(array).all():
+        raise InvalidInput(f"{field}: values contain NaN or Inf; send finite values")
+    return array
 
 
 def infer_response(

@@ -21,7 +21,7 @@ from serving.detector import ChangeDetectionCore
 from serving.metrics import ServerMetrics
 from serving.models import ModelRepository
 from serving.security import describe, server_credentials, server_interceptors
-from serving.service import ChangeDetectionServicer
+from serving.service import ChangeDetectionServicer, MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
 
@@ -123,8 +123,13 @@ def create_server(
     metrics.watch(repository)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
-        # metrics outermost, so that calls refused by the others are counted too
-        interceptors=[metrics.interceptor, *server_interceptors(settings)],
+        # metrics outermost, so that calls refused by the others are counted too; the parse check
+        # innermost, so that calls the token check refuses are never parsed
+        interceptors=[
+            metrics.interceptor,
+            *server_interceptors(settings),
+            MalformedRequestInterceptor(),
+        ],
         options=server_options(settings),
     )
     pb_grpc.add_ChangeDetectionServicer_to_server(

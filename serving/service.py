@@ -4,10 +4,12 @@ project's errors become status codes."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import grpc
 import numpy as np
@@ -73,6 +75,84 @@ def status_mapping(context: grpc.ServicerContext, request_id: str) -> Iterator[N
     except Exception:
         log.exception("request %s failed", request_id)
         context.abort(grpc.StatusCode.INTERNAL, f"internal error (request {request_id})")
+
+
+class _Unparsable:
+    """What a request message's bytes became when they do not parse (see the interceptor below)."""
+
+    __slots__ = ("details",)
+
+    def __init__(self, details: str) -> None:
+        self.details = details
+
+
+class MalformedRequestInterceptor(grpc.ServerInterceptor):
+    """Request bytes that are not a valid message get INVALID_ARGUMENT, not gRPC's INTERNAL.
+
+    gRPC Python answers a message it cannot deserialize with INTERNAL ("Exception deserializing
+    request!"): the server blamed, and alerts on INTERNAL fired, for a client's bad bytes. This
+    wraps every handler's deserializer so that a failed parse reaches the handler as a marker,
+    refused there with INVALID_ARGUMENT (in a request stream, at the malformed message). Keep it
+    innermost: a call the token check refuses is then never parsed at all.
+    """
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        handler = continuation(handler_call_details)
+        if handler is None or handler.request_deserializer is None:
+            return handler
+        parse = handler.request_deserializer
+        message = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+        details = (
+            f"the request is not a valid {getattr(message, 'full_name', 'request')} message "
+            "(malformed protocol buffer); send messages serialized from the published .proto"
+        )
+
+        def tolerant(data: bytes) -> Any:
+            try:
+                return parse(data)
+            except Exception:  # DecodeError, or whatever another deserializer raises
+                return _Unparsable(details)
+
+        stream_in, stream_out = handler.request_streaming, handler.response_streaming
+        kind = ("stream" if stream_in else "unary") + "_" + ("stream" if stream_out else "unary")
+        behavior = getattr(handler, kind)
+        method = handler_call_details.method
+
+        # wraps() keeps attributes gRPC reads from the behaviour (the health service's Watch is
+        # `experimental_non_blocking` and takes a third argument, hence *rest)
+        @functools.wraps(behavior)
+        def checked(request: Any, context: grpc.ServicerContext, *rest: Any) -> Any:
+            if stream_in:
+                return behavior(_parsed(request, context, method), context, *rest)
+            if isinstance(request, _Unparsable):
+                log.info("%s: INVALID_ARGUMENT: %s", method, request.details)
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
+            return behavior(request, context, *rest)
+
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(
+            checked, request_deserializer=tolerant, response_serializer=handler.response_serializer
+        )
+
+
+def _parsed(requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
+    """A request stream that stops with INVALID_ARGUMENT at the first unparsable message.
+
+    The code is set before raising rather than with abort(): a handler's status_mapping maps the
+    InvalidInput to the same code, and for handlers without one (reflection) gRPC sends the code
+    already set instead of UNKNOWN.
+    """
+    for request in requests:
+        if isinstance(request, _Unparsable):
+            log.info("%s: INVALID_ARGUMENT: %s", method, request.details)
+            context.set_code(grpc.StatusCode.INVALID_ARGUMENT)
+            context.set_details(request.details)
+            raise InvalidInput(request.details)
+        yield request
 
 
 class ChangeDetectionServicer(pb_grpc.ChangeDetectionServicer):

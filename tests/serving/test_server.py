@@ -218,7 +218,7 @@ def test_max_connection_age_moves_clients_without_failing_calls(start_server, pa
 
         t_end = time.monotonic() + 1.5
         calls = 0
-        while time.monotonic() < t_end:
+        while time.monotonic() < t_end or calls < 4:  # at least 4 calls, even when slow
             assert client.detect(before, after).mask.shape == (200, 300)
             calls += 1
-        assert calls > 3
+        assert calls >= 4
