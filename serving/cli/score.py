@@ -175,6 +175,7 @@ def score(
     """
     from serving.config import ServerSettings
     from serving.errors import ModelLoadError, ModelNotFound
+    from serving.scoring.outputs import OutputWriteError
     from serving.scoring.pair import ModelScorer, ScoreOptions, score_pair
     from serving.scoring.polygons import PolygonOptions
     from serving.scoring.rasters import PairError, UsageProblem, parse_bands
@@ -224,7 +225,7 @@ def score(
         raise click.UsageError(str(exc)) from exc
     except UsageProblem as exc:
         raise click.UsageError(str(exc)) from exc
-    except PairError as exc:
+    except (PairError, OutputWriteError) as exc:  # the run failed; the message says why
         click.echo(f"Error: {exc}", err=True)
         sys.exit(1)
     _report(summary, out, quiet)

@@ -9,20 +9,24 @@ layout), each to a temporary name renamed into place only when complete.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from html import escape
 from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
 import rasterio
+import rasterio.errors
 import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window
 
+from serving.errors import RareChangeError
 from serving.scoring.blocks import Block
 from serving.scoring.rasters import Grid
 
@@ -32,6 +36,56 @@ UINT8_SCALE = 254
 COG_BLOCK = 512
 
 ProbabilityType = Literal["float32", "uint8"]
+# below this much free space after a failed write, the filesystem counts as full: numpy and GDAL
+# report ENOSPC without an errno ("4096 requested and 4064 written", "TIFFAppendToStrip: Seek
+# error"), and a write that ran out of space has used all there was
+FULL_BYTES = 1024 * 1024
+
+
+class OutputWriteError(RareChangeError, OSError):
+    """A run's files could not be written, a full disk above all. Every file goes to a temporary
+    name first, so nothing final-named is half-written and the run stays unfinished (no
+    ``summary.json``); the message says where, how much space is left and what to do next."""
+
+
+@contextlib.contextmanager
+def writing(folder: Path, blocks: Path | None = None) -> Iterator[None]:
+    """An error while writing into ``folder`` when its disk is full (ENOSPC or EDQUOT in the
+    error's chain, or under FULL_BYTES left) becomes an OutputWriteError that says so, with the
+    number of finished blocks kept in ``blocks``; any other error passes unchanged. Enter it
+    inside any clean-up that deletes temporaries: that gives space back."""
+    try:
+        yield
+    except RareChangeError:
+        raise
+    except Exception as exc:
+        try:
+            free: int | None = shutil.disk_usage(folder).free
+        except OSError:
+            free = None
+        space_errors = (errno.ENOSPC, errno.EDQUOT)
+        chain = [exc, *_causes(exc)]
+        if not any(getattr(e, "errno", None) in space_errors for e in chain) and (
+            free is None or free >= FULL_BYTES
+        ):
+            raise
+        left = "unknown" if free is None else f"{free / 2**20:.1f} MiB"
+        kept = "its scored blocks are kept"
+        if blocks is not None and blocks.is_dir():
+            kept = f"its {len(list(blocks.glob('*.npy')))} scored block(s) are kept"
+        raise OutputWriteError(
+            errno.ENOSPC,
+            f"no space left on the device of {folder} (free: {left}; {exc}); the run is "
+            f"unfinished, {kept}: free space or choose another --out, then run the same "
+            "command with --resume",
+        ) from exc
+
+
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    seen = {id(exc)}
+    while (exc := exc.__cause__ or exc.__context__) is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        yield exc
 
 
 class BlockStore:
@@ -50,10 +104,16 @@ class BlockStore:
     def save(self, index: int, prob: np.ndarray) -> None:
         final = self.path(index)
         tmp = final.with_name(f".{final.name}.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, prob.astype(np.float32, copy=False))
-            f.flush()
-            os.fsync(f.fileno())
+        try:
+            # a full disk is recognised before the clean-up below gives space back
+            with writing(self.folder, self.folder), open(tmp, "wb") as f:
+                np.save(f, prob.astype(np.float32, copy=False))
+                f.flush()
+                os.fsync(f.fileno())
+        except BaseException:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)  # give back the space a failed write took
+            raise
         os.replace(tmp, final)
 
     def load(self, index: int) -> np.ndarray:
@@ -62,7 +122,12 @@ class BlockStore:
 
 def write_json_atomic(path: Path, data: Any) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    try:
+        tmp.write_text(json.dumps(data, indent=1, sort_keys=True) + "\n")
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, path)
 
 
@@ -104,33 +169,67 @@ def write_cog(
     work.mkdir(parents=True, exist_ok=True)
     staged = work / f".{path.stem}.staging.tif"
     final_tmp = path.with_name(f".{path.name}.tmp")
-    profile = _staging_profile(grid.height, grid.width, dtype, nodata, grid)
-    with rasterio.open(staged, "w", **profile) as dst:
-        for block in blocks:
-            dst.write(pixels(block), 1, window=block.window)
-    levels = [staged]
-    height, width = grid.height, grid.width
-    while max(height, width) > COG_BLOCK:
-        height, width = -(-height // 2), -(-width // 2)
-        level = work / f".{path.stem}.staging.ov{2 ** len(levels)}.tif"
-        _halve(levels[-1], level, height, width, dtype, nodata, resampling)
-        levels.append(level)
     vrt = work / f".{path.stem}.staging.vrt"
-    vrt.write_text(_vrt(grid, dtype, nodata, levels, tags or {}, scale, description))
-    rasterio.shutil.copy(
-        vrt,
-        final_tmp,
-        driver="COG",
-        COMPRESS="DEFLATE",
-        PREDICTOR="YES" if dtype == "float32" else "NO",
-        BLOCKSIZE=COG_BLOCK,
-        OVERVIEWS="FORCE_USE_EXISTING",
-        BIGTIFF="IF_SAFER",
-    )
+    levels = [staged]
+    try:
+        with writing(path.parent):  # a full disk recognised before the clean-up gives space back
+            profile = _staging_profile(grid.height, grid.width, dtype, nodata, grid)
+            with rasterio.open(staged, "w", **profile) as dst:
+                for block in blocks:
+                    dst.write(pixels(block), 1, window=block.window)
+            check_complete(staged, read=False)
+            height, width = grid.height, grid.width
+            while max(height, width) > COG_BLOCK:
+                height, width = -(-height // 2), -(-width // 2)
+                level = work / f".{path.stem}.staging.ov{2 ** len(levels)}.tif"
+                levels.append(level)
+                _halve(levels[-2], level, height, width, dtype, nodata, resampling)
+                check_complete(level, read=False)
+            vrt.write_text(_vrt(grid, dtype, nodata, levels, tags or {}, scale, description))
+            rasterio.shutil.copy(
+                vrt,
+                final_tmp,
+                driver="COG",
+                COMPRESS="DEFLATE",
+                PREDICTOR="YES" if dtype == "float32" else "NO",
+                BLOCKSIZE=COG_BLOCK,
+                OVERVIEWS="FORCE_USE_EXISTING",
+                BIGTIFF="IF_SAFER",
+            )
+            check_complete(final_tmp, read=True)
+    except BaseException:
+        # give back the space a failed write took (GDAL may also leave a file it could not
+        # finish: rasterio 1.4 does not raise for a write that fails when the file is closed)
+        for f in (vrt, final_tmp, *levels):
+            with contextlib.suppress(OSError):
+                f.unlink(missing_ok=True)
+        raise
     for f in (vrt, *levels):
         f.unlink()
     os.replace(final_tmp, path)
     return path
+
+
+def check_complete(path: Path, read: bool) -> None:
+    """Every block of every level of the GeoTIFF at ``path`` is on disk (and, with ``read``,
+    reads back). rasterio 1.4 does not raise for a write GDAL fails when it closes a file (a full
+    disk: the error only reaches stderr), which leaves blocks unwritten (read as nodata, without
+    an error) or truncated (GDAL's COG copy even returns success): such a file must never be
+    renamed into place. Reading the final COG back costs about a tenth of writing it."""
+    with rasterio.open(path) as ds:
+        levels: list[dict[str, int]] = [{}]
+        levels += [{"overview_level": i} for i in range(len(ds.overviews(1)))]
+    for level in levels:
+        with rasterio.open(path, **level) as ds:
+            for (row, col), window in ds.block_windows(1):
+                offset = ds.get_tag_item(f"BLOCK_OFFSET_{col}_{row}", "TIFF", bidx=1)
+                if offset in (None, "", "0"):
+                    raise rasterio.errors.RasterioIOError(
+                        f"{path}: block ({row}, {col}) of {level or 'full resolution'} was "
+                        "never written"
+                    )
+                if read:
+                    ds.read(1, window=window)
 
 
 def _staging_profile(

@@ -39,6 +39,7 @@ from serving.scoring.outputs import (
     remove_tree,
     write_cog,
     write_json_atomic,
+    writing,
 )
 from serving.scoring.polygons import PolygonOptions, write_geojson
 from serving.scoring.quicklook import Canvas, write_quicklook
@@ -113,7 +114,10 @@ def score_pair(
 ) -> dict[str, Any]:
     """Score ``before``/``after`` into ``out``; returns the summary (also ``out/summary.json``)."""
     # rasterio passes an int GDAL_CACHEMAX to GDALSetCacheMax64: bytes, not megabytes
-    with rasterio.Env(GDAL_CACHEMAX=options.gdal_cache_mb * 1024 * 1024):
+    with (
+        rasterio.Env(GDAL_CACHEMAX=options.gdal_cache_mb * 1024 * 1024),
+        writing(out, out / PARTIAL / "blocks"),  # a full disk is said plainly, where it strikes
+    ):
         return _score_pair(before, after, out, scorer, options, progress)
 
 
