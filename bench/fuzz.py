@@ -57,7 +57,6 @@ import tempfile
 import threading
 import time
 import types
-import warnings
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -130,32 +129,17 @@ def _jpeg_declaring(data: bytes, width: int, height: int) -> bytes:
 def write_corpus(folder: Path = CORPUS) -> dict[str, int]:
     """Small real files and requests, the same bytes every time (fixed seeds, fixed settings)."""
     import numpy as np
-    import rasterio
-    from rasterio.errors import NotGeoreferencedWarning
-    from rasterio.io import MemoryFile
 
     from serving.api import change_detection_pb2 as pb
     from serving.api import grpc_predict_v2_pb2 as kpb
+    from serving.pictures import encode_tiff
 
     rng = np.random.default_rng(0)
     rgb = rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)
     smooth = np.add.outer(np.arange(12), np.arange(12)).astype(np.uint8) * 9
     grey16 = (rng.integers(0, 4096, (6, 6)) * 16).astype(np.uint16)
 
-    def tiff(bands: Any, **profile: Any) -> bytes:
-        count, height, width = bands.shape
-        with rasterio.Env(), MemoryFile() as memfile, warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)  # plain images, on purpose
-            with memfile.open(
-                driver="GTiff",
-                width=width,
-                height=height,
-                count=count,
-                dtype=str(bands.dtype),
-                **profile,
-            ) as dataset:
-                dataset.write(bands)
-            return bytes(memfile.read())
+    tiff = encode_tiff
 
     images = {
         "rgb8.png": _encode(rgb, "PNG"),

@@ -27,6 +27,7 @@ from serving.decode import (
     decode_image,
 )
 from serving.errors import InvalidInput, RareChangeError
+from serving.pictures import encode_tiff
 
 MP = 1_000_000
 RNG = np.random.default_rng(1234)
@@ -42,22 +43,7 @@ def _pil(img: Image.Image, fmt: str, **kwargs: object) -> bytes:
     return buf.getvalue()
 
 
-def _tiff(bands: np.ndarray, **profile: object) -> bytes:
-    """Write (C, H, W) bands as an in-memory GeoTIFF-less TIFF with rasterio."""
-    count, height, width = bands.shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with MemoryFile() as memfile:
-            with memfile.open(
-                driver="GTiff",
-                width=width,
-                height=height,
-                count=count,
-                dtype=str(bands.dtype),
-                **profile,
-            ) as dataset:
-                dataset.write(bands)
-            return bytes(memfile.read())
+_tiff = encode_tiff
 
 
 def _png_chunk(kind: bytes, payload: bytes) -> bytes:

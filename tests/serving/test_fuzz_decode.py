@@ -18,7 +18,6 @@ import math
 import os
 import struct
 import time
-import warnings
 import zlib
 
 import numpy as np
@@ -27,11 +26,10 @@ from hypothesis import HealthCheck, assume, event, example, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 from PIL import Image
-from rasterio.errors import NotGeoreferencedWarning
-from rasterio.io import MemoryFile
 
 from serving.decode import MAX_BANDS, SUPPORTED_DTYPES, array_from_raw, decode_image
 from serving.errors import InvalidInput
+from serving.pictures import encode_tiff
 
 EXAMPLES = int(os.environ.get("RARECHANGE_FUZZ_EXAMPLES", "200"))
 FUZZ = settings(
@@ -86,22 +84,7 @@ def _pil(arr: np.ndarray, fmt: str, **kwargs: object) -> bytes:
     return buf.getvalue()
 
 
-def _tiff(bands: np.ndarray, **profile: object) -> bytes:
-    """(C, H, W) bands as an in-memory TIFF written by GDAL."""
-    count, height, width = bands.shape
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", NotGeoreferencedWarning)
-        with MemoryFile() as memfile:
-            with memfile.open(
-                driver="GTiff",
-                width=width,
-                height=height,
-                count=count,
-                dtype=str(bands.dtype),
-                **profile,
-            ) as dataset:
-                dataset.write(bands)
-            return bytes(memfile.read())
+_tiff = encode_tiff
 
 
 def _real_files() -> dict[str, bytes]:
