@@ -26,18 +26,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from export.onnx_export import RawInputDetector, to_onnx_bytes
-from training.model import ChangeDetector, ModelConfig
+from training.config import load_config
+from training.model import ChangeDetector
 
-AERIAL = ModelConfig(
-    in_channels=3,
-    patch_size=32,
-    widths=(32, 64),
-    hidden=256,
-    z_common=16,
-    z_specific=16,
-    classifier_hidden=64,
-    likelihood="gaussian",
-)
+AERIAL = load_config(preset="aerial-rgb").model  # the bundled default's architecture
 
 
 def main() -> None:
