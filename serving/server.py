@@ -7,7 +7,7 @@ import logging
 import signal
 import time
 from concurrent import futures
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -18,12 +18,17 @@ from serving.api import change_detection_pb2 as pb
 from serving.api import change_detection_pb2_grpc as pb_grpc
 from serving.config import ServerSettings
 from serving.detector import ChangeDetectionCore
+from serving.drain import DrainGate
 from serving.metrics import ServerMetrics
 from serving.models import ModelRepository
 from serving.security import describe, server_credentials, server_interceptors
 from serving.service import ChangeDetectionServicer, MalformedRequestInterceptor
 
 log = logging.getLogger(__name__)
+
+DRAIN_QUIET_S = 0.25
+"""How long a stopping server waits, once idle, for a call to end or be refused before the gRPC
+stop: a client that just got its answer sends its next call within that and meets the gate."""
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["ChangeDetection"].full_name
 
@@ -58,6 +63,7 @@ class ChangeDetectionServer:
     repository: ModelRepository
     settings: ServerSettings
     metrics: ServerMetrics | None = None
+    gate: DrainGate = field(default_factory=DrainGate)
 
     @property
     def address(self) -> str:
@@ -100,7 +106,13 @@ class ChangeDetectionServer:
         """Report NOT_SERVING, refuse new calls, let running ones finish within ``grace``."""
         self.health.enter_graceful_shutdown()
         grace = self.settings.grace_s if grace is None else grace
-        self.grpc_server.stop(grace).wait()
+        deadline = time.monotonic() + grace
+        # refuse from Python first (UNAVAILABLE, which clients retry elsewhere): a gRPC stop alone
+        # cancels calls that arrive at that instant, and CANCELLED is retried by no one
+        self.gate.close()
+        if not self.gate.wait_idle(grace, quiet=min(DRAIN_QUIET_S, grace)):
+            log.warning("grace of %.1f s over with %d calls running", grace, self.gate.running)
+        self.grpc_server.stop(max(0.0, deadline - time.monotonic())).wait()
         self.repository.stop()
         if self.metrics is not None:
             self.metrics.stop_http()
@@ -121,12 +133,14 @@ def create_server(
     repository = repository or ModelRepository.load(settings)
     metrics = ServerMetrics()  # this server's own registry: servers in one process never collide
     metrics.watch(repository)
+    gate = DrainGate()
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=settings.workers, thread_name_prefix="rpc"),
         # metrics outermost, so that calls refused by the others are counted too; the parse check
         # innermost, so that calls the token check refuses are never parsed
         interceptors=[
             metrics.interceptor,
+            gate,  # a stopping server refuses here (UNAVAILABLE), counted by the metrics
             *server_interceptors(settings),
             MalformedRequestInterceptor(),
         ],
@@ -154,7 +168,7 @@ def create_server(
         port = 0
     if port == 0:
         raise OSError(f"cannot bind {settings.host}:{settings.port}")
-    return ChangeDetectionServer(server, port, health_servicer, repository, settings, metrics)
+    return ChangeDetectionServer(server, port, health_servicer, repository, settings, metrics, gate)
 
 
 def serve(settings: ServerSettings) -> None:

@@ -31,6 +31,7 @@ from serving.backends.onnxruntime import OnnxRuntimeBackend
 from serving.batcher import DynamicBatcher
 from serving.client import ChangeDetectionClient, image_message
 from serving.config import ServerSettings
+from serving.drain import DRAINING_MESSAGE
 from serving.metadata import ModelMetadata
 from serving.models import ModelRepository, ServedModel
 from serving.server import SERVICE_NAME, ChangeDetectionServer, create_server
@@ -158,9 +159,8 @@ def test_health_is_not_serving_while_draining(make_server) -> None:
             assert time.monotonic() < give_up, "health never left SERVING"
             time.sleep(0.01)
         seen = [health_status(server.address) for _ in range(5)]
-        # in process the service says NOT_SERVING; over the network a draining gRPC server
-        # refuses new calls, health checks included, so probes see UNAVAILABLE
-        assert set(seen) <= {NOT_SERVING, grpc.StatusCode.UNAVAILABLE}, seen
+        # while calls run, the port stays open for probes: they read NOT_SERVING
+        assert seen == [NOT_SERVING] * 5, seen
         in_process = server.health.Check(health_pb2.HealthCheckRequest(service=SERVICE_NAME), None)
         assert in_process.status == NOT_SERVING
         assert not call.done() and stopper.is_alive()
@@ -168,6 +168,40 @@ def test_health_is_not_serving_while_draining(make_server) -> None:
         assert call.result().height == 64  # the call in flight finished normally
     stopper.join(WAIT)
     assert not stopper.is_alive()
+
+
+def test_a_call_made_while_draining_is_refused_unavailable(make_server) -> None:
+    """Not CANCELLED (what gRPC's own stop gives a call that arrives as it stops, and what no
+    client retries): the drain gate answers UNAVAILABLE, unread, while admitted calls go on."""
+    model = Instance(gate=True)
+    server = make_server([model], warmup=False).start()
+    with grpc.insecure_channel(server.address) as channel:
+        stub = pb_grpc.ChangeDetectionStub(channel)
+        held = stub.DetectChange.future(request(), timeout=WAIT)
+        assert model.entered.wait(WAIT)
+        stopper = threading.Thread(target=server.stop, kwargs={"grace": WAIT})
+        stopper.start()
+        give_up = time.monotonic() + WAIT
+        while not server.gate.refused:  # probe until the gate is closed
+            assert time.monotonic() < give_up, "the gate never closed"
+            try:
+                stub.DetectChange(request(), timeout=WAIT)
+            except grpc.RpcError as err:
+                assert err.code() == grpc.StatusCode.UNAVAILABLE, err
+                assert err.details() == DRAINING_MESSAGE
+        for _ in range(3):  # and every later one, junk bytes included (never parsed)
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.DetectChange(request(), timeout=WAIT)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            junk = channel.unary_unary(f"/{SERVICE_NAME}/DetectChange")
+            with pytest.raises(grpc.RpcError) as refused:
+                junk(b"\xff\x00 not a protobuf", timeout=WAIT)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert server.gate.running == 1 and not held.done() and stopper.is_alive()
+        model.release.set()
+        assert held.result().height == 64
+    stopper.join(WAIT)
+    assert not stopper.is_alive() and server.gate.running == 0
 
 
 def _inflight(metrics_url: str) -> float:
