@@ -81,9 +81,7 @@ class ChangeDetectionCore:
                 "streaming/batch scoring path"
             )
         tiles = tiling.grid(h, w, meta.patch_size, stride)
-        before, after = tiling.extract_patches(
-            req.before, req.after, tiles, meta.patch_size, stride
-        )
+        before, after = tiling.extract_grid(req.before, req.after, meta.patch_size, stride)
         t_tiled = time.perf_counter()
         remaining = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
         job = served.batcher.submit(before, after, req.deadline)

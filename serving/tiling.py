@@ -53,6 +53,20 @@ def grid(height: int, width: int, patch: int, stride: int) -> list[Tile]:
     ]
 
 
+def clipped_boxes(
+    tiles: list[Tile], height: int, width: int
+) -> tuple[list[int], list[int], list[int], list[int]]:
+    """(rows, cols, heights, widths) of every tile's part inside the image, as :meth:`Tile.clipped`
+    gives one at a time; vectorised, as plain ints for protobuf."""
+    n = len(tiles)
+    rows = np.fromiter((t.row for t in tiles), np.int64, n)
+    cols = np.fromiter((t.col for t in tiles), np.int64, n)
+    size = np.fromiter((t.size for t in tiles), np.int64, n)
+    r0, c0 = np.clip(rows, 0, None), np.clip(cols, 0, None)
+    r1, c1 = np.minimum(rows + size, height), np.minimum(cols + size, width)
+    return r0.tolist(), c0.tolist(), (r1 - r0).tolist(), (c1 - c0).tolist()
+
+
 def padding(height: int, width: int, patch: int, stride: int) -> tuple[int, int, int, int]:
     """(top, bottom, left, right) padding that makes every tile of the grid readable."""
     rows, cols = axis_origins(height, patch, stride), axis_origins(width, patch, stride)
@@ -89,6 +103,27 @@ def extract_patches(
         planes = np.ascontiguousarray(padded.transpose(2, 0, 1))
         windows = sliding_window_view(planes, (patch, patch), axis=(1, 2)).transpose(1, 2, 0, 3, 4)
         out.append(windows[rows, cols])
+    return out[0], out[1]
+
+
+def extract_grid(
+    before: np.ndarray, after: np.ndarray, patch: int, stride: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """extract_patches for the whole of :func:`grid`, twice as fast: the lattice is one strided
+    view of the sliding windows, copied once, not a gather of N window origins."""
+    h, w = before.shape[:2]
+    n_rows = len(axis_origins(h, patch, stride))
+    n_cols = len(axis_origins(w, patch, stride))
+    out = []
+    for image in (before, after):
+        planes = np.ascontiguousarray(pad_image(image, patch, stride).transpose(2, 0, 1))
+        windows = sliding_window_view(planes, (patch, patch), axis=(1, 2))  # (C, R, C', P, P)
+        lattice = windows[:, ::stride, ::stride][:, :n_rows, :n_cols]
+        out.append(
+            np.ascontiguousarray(lattice.transpose(1, 2, 0, 3, 4)).reshape(
+                n_rows * n_cols, image.shape[2], patch, patch
+            )
+        )
     return out[0], out[1]
 
 

@@ -412,3 +412,35 @@ def test_extract_tile_past_the_padding_fails_like_the_loop() -> None:
             _ref_extract(before, after, [bad], 4, 2)
         with pytest.raises(ValueError):
             extract_patches(before, after, [bad], 4, 2)
+
+
+@pytest.mark.parametrize(
+    ("h", "w", "patch", "stride", "channels", "dtype"),
+    [
+        (256, 256, 32, 8, 3, np.uint8),
+        (37, 53, 16, 5, 4, np.uint16),  # not multiples of the patch or the stride
+        (10, 7, 16, 4, 3, np.uint8),  # smaller than one patch
+        (40, 40, 8, 1, 1, np.float32),  # stride 1
+        (40, 33, 8, 8, 3, np.uint8),  # stride = patch
+    ],
+)
+def test_extract_grid_is_extract_patches_of_the_whole_grid(
+    h: int, w: int, patch: int, stride: int, channels: int, dtype: type
+) -> None:
+    rng = np.random.default_rng(h * w)
+    before = (rng.random((h, w, channels)) * 1000).astype(dtype)
+    after = (rng.random((h, w, channels)) * 1000).astype(dtype)
+    tiles = tiling.grid(h, w, patch, stride)
+    want = tiling.extract_patches(before, after, tiles, patch, stride)
+    got = tiling.extract_grid(before, after, patch, stride)
+    for g, x in zip(got, want, strict=True):
+        assert g.dtype == x.dtype and g.flags.c_contiguous
+        assert np.array_equal(g, x)
+
+
+@pytest.mark.parametrize(("h", "w", "patch", "stride"), [(256, 256, 32, 8), (10, 37, 16, 5)])
+def test_clipped_boxes_are_each_tiles_clipped_box(h: int, w: int, patch: int, stride: int) -> None:
+    tiles = tiling.grid(h, w, patch, stride)
+    columns = tiling.clipped_boxes(tiles, h, w)
+    assert list(zip(*columns, strict=True)) == [t.clipped(h, w) for t in tiles]
+    assert all(isinstance(v, int) for v in columns[0])
