@@ -144,6 +144,21 @@ class DynamicBatcher:
             log.info("%s instance %d warmed up: %d patches, %.3f s", self.name, i, len(out), spent)
 
     # ------------------------------------------------------------------ submit
+    def check_room(self, n: int) -> None:
+        """Refuse (Overloaded) a job of ``n`` patches the queue cannot hold now, before the caller
+        spends CPU on cutting them out: under overload that work is what refused calls cost."""
+        with self._cond:
+            self._refuse_unless_room(n)
+
+    def _refuse_unless_room(self, n: int) -> None:
+        if self._stopping:
+            raise Overloaded("the server is shutting down; retry on another replica")
+        if self._queued + n > self.max_queue_size:
+            raise Overloaded(
+                f"queue full ({self._queued} of {self.max_queue_size} patches waiting); "
+                "retry with backoff"
+            )
+
     def submit(self, before: np.ndarray, after: np.ndarray, deadline: float | None = None) -> Job:
         """Queue one request's patches, or refuse at once when the queue cannot hold them."""
         n = len(before)
@@ -159,13 +174,7 @@ class DynamicBatcher:
             job.done.set()
             return job
         with self._cond:
-            if self._stopping:
-                raise Overloaded("the server is shutting down; retry on another replica")
-            if self._queued + n > self.max_queue_size:
-                raise Overloaded(
-                    f"queue full ({self._queued} of {self.max_queue_size} patches waiting); "
-                    "retry with backoff"
-                )
+            self._refuse_unless_room(n)
             self._queue.append([job, 0])
             self._queued += n
             self._cond.notify()

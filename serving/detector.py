@@ -80,6 +80,7 @@ class ChangeDetectionCore:
                 f"({served.batcher.max_queue_size}); use a larger stride, a smaller image, or the "
                 "streaming/batch scoring path"
             )
+        served.batcher.check_room(count)  # a full queue refuses before any tiling work
         tiles = tiling.grid(h, w, meta.patch_size, stride)
         before, after = tiling.extract_grid(req.before, req.after, meta.patch_size, stride)
         t_tiled = time.perf_counter()

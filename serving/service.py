@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from serving import tiling
 from serving.api import change_detection_pb2 as pb
 from serving.api import change_detection_pb2_grpc as pb_grpc
 from serving.config import ServerSettings
@@ -28,7 +29,6 @@ from serving.errors import (
     Overloaded,
 )
 from serving.models import ServedModel
-from serving import tiling
 from serving.pictures import FAST_PNG, encode_png, probability_to_uint8
 
 log = logging.getLogger(__name__)

@@ -47,6 +47,7 @@ RUN groupadd --system --gid 10001 rarechange \
 ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
+    MALLOC_ARENA_MAX=2 \
     HOME=/tmp \
     RARECHANGE_HOST=0.0.0.0 \
     RARECHANGE_PORT=50051 \

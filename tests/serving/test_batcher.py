@@ -203,12 +203,16 @@ def test_queue_full_is_refused_at_once(gated: tuple[Model, DynamicBatcher]) -> N
         batcher.submit(*patches([99]))
     assert time.monotonic() - t0 < 1.0
     assert batcher.queued_patches == 16
+    with pytest.raises(Overloaded, match="queue full"):  # the check callers make before tiling
+        batcher.check_room(1)
+    batcher.check_room(0)
     model.release.set()
     assert np.array_equal(_result(big), np.arange(12))
     assert np.array_equal(_result(small), [50, 51, 52, 53])
     assert 99.0 not in model.seen
     # room again once the queue drained
     assert np.array_equal(_result(batcher.submit(*patches([99]))), [99])
+    batcher.check_room(16)
 
 
 def test_job_larger_than_the_queue_is_invalid() -> None:

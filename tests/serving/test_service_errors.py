@@ -132,6 +132,51 @@ def test_deadline_exceeded_and_expired_work_is_not_run(servers) -> None:
         assert ran < tiles
 
 
+def test_a_full_queue_refuses_before_cutting_patches(servers, monkeypatch) -> None:
+    """RESOURCE_EXHAUSTED at once, and the refused pair is never tiled: under overload the
+    patch extraction of refused calls took CPU from the admitted ones (docs/reliability.md)."""
+    from serving import tiling
+
+    entered, release = threading.Event(), threading.Event()
+
+    def held(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+        entered.set()
+        assert release.wait(30)
+        return mean_abs_diff(before, after)
+
+    cut: list[int] = []
+    extract_grid = tiling.extract_grid
+
+    def counted(before: np.ndarray, *rest: object) -> tuple[np.ndarray, np.ndarray]:
+        cut.append(before.shape[0])
+        return extract_grid(before, *rest)
+
+    monkeypatch.setattr(tiling, "extract_grid", counted)
+    # 96x96 at stride 32: 9 patches; the queue holds 16, so one call waits and the next is refused
+    server = servers(held, max_batch_size=16, max_queue_size=16, warmup=False)
+    before, after = pair()
+    with ChangeDetectionClient(server.address) as client:
+        first = threading.Thread(target=client.detect, args=(before, after), kwargs={"stride": 32})
+        first.start()
+        assert entered.wait(30)  # its 9 patches are in the model
+        second = threading.Thread(target=client.detect, args=(before, after), kwargs={"stride": 32})
+        second.start()
+        give_up = time.monotonic() + 30
+        while server.repository.get().batcher.queued_patches < 9:
+            assert time.monotonic() < give_up
+            time.sleep(0.01)
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                client.detect(before, after, stride=32, timeout=30)
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue full" in (err.value.details() or "")
+            assert len(cut) == 2  # the first two calls were tiled, the refused one was not
+        finally:
+            release.set()
+            first.join(30)
+            second.join(30)
+
+
 def test_backend_failure_is_internal_for_that_request_only(servers) -> None:
     def fragile(before: np.ndarray, after: np.ndarray) -> np.ndarray:
         if (after == 255).all(axis=(1, 2, 3)).any():  # a white patch breaks this "engine"
