@@ -138,6 +138,9 @@ class RunConfig(BaseModel):
 
     @model_validator(mode="after")
     def _bands_fit_model(self) -> RunConfig:
+        t = self.train.threshold
+        if t is not None and not 0 < t < 1:
+            raise ValueError(f"train.threshold must be in (0, 1), got {t}")
         d = self.data
         if isinstance(d, ScenesData) and d.bands and len(d.bands) != self.model.in_channels:
             raise ValueError(

@@ -66,6 +66,9 @@ class TrainConfig:
     # the from-scratch siamese baseline: no VAE pre-training; the encoder learns from the labels
     # alone, at the classifier's rate from the first step (encoder_lr_scale 1, no frozen warm-up)
     from_scratch: bool = False
+    # a fixed mask threshold (e.g. one a leave-one-pair-out study chose on other folds) instead of
+    # the best on this run's own validation data, which is optimistic for that same data
+    threshold: float | None = None
 
 
 @dataclass(frozen=True)
@@ -403,6 +406,7 @@ def pixel_threshold(
     pairs: list[tuple[np.ndarray, np.ndarray, np.ndarray]],
     stride: int,
     scaling: InputScaling | None = None,
+    fixed: float | None = None,
 ) -> tuple[float, dict[str, float]]:
     """Choose the mask threshold on whole validation scenes, where the mask is actually made.
 
@@ -412,7 +416,7 @@ def pixel_threshold(
     maps = [probability_map(detector, b, a, stride, scaling) for b, a, _ in pairs]
     scores = np.concatenate([m.ravel() for m in maps])
     truth = np.concatenate([m.ravel() > 0 for _, _, m in pairs])
-    threshold = best_threshold(scores, truth)
+    threshold = best_threshold(scores, truth) if fixed is None else fixed
     metrics = {f"pixel_{k}": v for k, v in binary_scores(scores >= threshold, truth).items()}
     metrics["pixel_auroc"] = auroc(scores, truth)
     return threshold, metrics
@@ -556,8 +560,11 @@ def train(
 
     # the threshold is chosen on validation patches, never on the patches it was trained on
     stride = stride or model_cfg.patch_size // 4
+    fixed = cfg.threshold
     if validation_pairs:
-        threshold, pixel_metrics = pixel_threshold(detector, validation_pairs, stride, scaling)
+        threshold, pixel_metrics = pixel_threshold(
+            detector, validation_pairs, stride, scaling, fixed
+        )
         method = f"max pixel F1 on {len(validation_pairs)} held-out scenes, stride {stride}"
     elif len(val) == 0:
         threshold, pixel_metrics, method = 0.5, {}, "fixed 0.5: balanced training batches"
@@ -566,6 +573,8 @@ def train(
         vscores = predict(detector, PatchSet.concat([vneg, vpos]), scaling=scaling)
         threshold = best_threshold(vscores, np.r_[np.zeros(len(vneg)), np.ones(len(vpos))])
         pixel_metrics, method = {}, "max F1 of the change class on the validation patches"
+    if fixed is not None:
+        threshold, method = fixed, f"fixed by train.threshold = {fixed:g}"
     metrics = (
         evaluate_patches(detector, val, cfg.positive_fraction, threshold, scaling)
         if len(val)

@@ -506,3 +506,15 @@ def test_sztaki_leave_one_out_split(shared_data: Path, monkeypatch: pytest.Monke
     fit, val = load_scene_split(load_config(preset="aerial-rgb"))
     assert [s.name for s in val] == ["Szada/1"] and len(fit) == 7
     assert "Szada/1" not in {s.name for s in fit}
+
+
+def test_a_fixed_threshold_is_used_and_said(rgb_folder: Path, tmp_path: Path) -> None:
+    chosen = run(rgb_config(rgb_folder), tmp_path / "chosen", progress=False)
+    fixed = run(rgb_config(rgb_folder, "train.threshold=0.37"), tmp_path / "fixed", progress=False)
+    assert chosen is not None and fixed is not None
+    a, b = load_checkpoint(chosen.checkpoint), load_checkpoint(fixed.checkpoint)
+    assert b["threshold"] == 0.37 and "fixed by train.threshold" in b["threshold_method"]
+    assert "max pixel F1" in a["threshold_method"]
+    np.testing.assert_equal(b["metrics"]["pixel_auroc"], a["metrics"]["pixel_auroc"])  # same model
+    with pytest.raises(ValueError, match=r"train\.threshold must be in"):
+        rgb_config(rgb_folder, "train.threshold=1.5")
