@@ -64,15 +64,6 @@ class NuisanceAugment(BaseModel):
         return v
 
 
-class PlaceSplit(BaseModel):
-    """Fine-tune on places pre-training never saw (training/places.py says why)."""
-
-    model_config = ConfigDict(extra="forbid")
-    block: int = Field(192, ge=1)  # side of the square blocks, pixels
-    every: int = Field(6, ge=2)  # one block in `every` is reserved for fine-tuning negatives
-    buffer: int = Field(32, ge=0)  # pre-training keeps this far from changes and reserved blocks
-
-
 PairRef = str | Annotated[int, Field(ge=0)]  # a pair's name, or its 0-based index in load order
 SCENE_KINDS = ("sztaki", "oscd", "pcd", "folder")  # loaders that give ScenePairs (not abcd)
 
@@ -94,7 +85,6 @@ class ScenesData(BaseModel):
     bands: list[Annotated[int, Field(ge=1)]] | None = None  # 1-based, in the model's order
     scaling: InputScaling = InputScaling()  # raw pixels -> network input, also in the graph
     augment: NuisanceAugment = NuisanceAugment()
-    place_split: PlaceSplit | None = None  # None: both stages see every training place
     licence: str | None = None  # for folder datasets, whose terms rarechange cannot know
     options: dict[str, str] = Field(default_factory=dict)  # loader keywords, e.g. change_is (pcd)
 

@@ -329,33 +329,18 @@ def _scenes(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> R
     """Real pairs: training pairs give the patches, validation pairs the threshold and metrics."""
     d = config.data
     assert isinstance(d, ScenesData)
-    from training.datasets.scenes import unchanged_patches
-    from training.places import place_split
-
     fit, val = load_scene_split(config)
     p, pf = config.model.patch_size, config.train.positive_fraction
-    scenes = list(fit)
+    sets = [s.patches(p, d.stride, pf) for s in fit]
     if d.augment.copies:
+        from training.datasets.scenes import unchanged_patches
+
         rng = np.random.default_rng([config.train.seed, 12])
         for k in range(d.augment.copies):
             for i, s in enumerate(fit):
                 strength = float(rng.uniform(*d.augment.strength))
-                scenes.append(nuisance_copy(s, d.scaling, strength, (config.train.seed, k, i)))
-    originals = len(fit)  # copies add unchanged patches only: their changes are the originals'
-    pretrain_sets: list[PatchSet] | None = None
-    if d.place_split is None:
-        sets = [s.patches(p, d.stride, pf) for s in fit]
-        sets += [unchanged_patches(s, p, d.stride) for s in scenes[originals:]]
-    else:
-        ps, sets, pretrain_sets = d.place_split, [], []
-        for i, s in enumerate(scenes):
-            pre, fine = place_split(
-                s.before, s.after, s.mask, p, d.stride, pf, ps.block, ps.every, ps.buffer
-            )
-            pretrain_sets.append(pre)
-            sets.append(
-                fine if i < originals else fine.select(np.flatnonzero(fine.changed_fraction == 0))
-            )
+                copy = nuisance_copy(s, d.scaling, strength, (config.train.seed, k, i))
+                sets.append(unchanged_patches(copy, p, d.stride))
     return train(
         PatchSet.concat(sets),
         config.model,
@@ -368,7 +353,6 @@ def _scenes(config: RunConfig, out_dir: Path, stage: Stage, progress: bool) -> R
         stage=stage,
         scaling=d.scaling,
         validation_patches=PatchSet.concat(s.all_patches(p, d.stride) for s in val),
-        pretrain_patches=None if pretrain_sets is None else PatchSet.concat(pretrain_sets),
     )
 
 

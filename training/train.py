@@ -491,7 +491,6 @@ def train(
     stage: Literal["both", "pretrain", "finetune"] = "both",
     scaling: InputScaling | None = None,
     validation_patches: PatchSet | None = None,
-    pretrain_patches: PatchSet | None = None,
 ) -> RunResult | None:
     """Both stages end to end; writes ``out_dir/checkpoint.pt`` and ``out_dir/metrics.json``.
 
@@ -502,8 +501,6 @@ def train(
     ``stage="pretrain"`` stops after stage 1 (returns None); ``stage="finetune"`` needs the
     finished stage 1 of the same run folder. ``scaling`` maps raw pixels to the network input
     (default uint8 / 255) and is recorded for export. ``cfg.from_scratch`` skips stage 1.
-    ``pretrain_patches`` (unchanged patches of other places, training/places.py) replace the
-    negatives of ``train_patches`` in stage 1; stage 2 then fine-tunes on ``train_patches`` alone.
     """
     torch.manual_seed(cfg.seed)
     t0 = time.perf_counter()
@@ -520,15 +517,6 @@ def train(
         keep = np.random.default_rng(cfg.seed + 2).choice(len(positives), cfg.max_positives, False)
         positives = positives.select(np.sort(keep))
     log.info("training on %d negatives, %d positives", len(negatives), len(positives))
-    if pretrain_patches is not None:
-        if pretrain_patches.changed_fraction.any():
-            raise ValueError("pre-training patches must be unchanged")
-        if not len(pretrain_patches) and not cfg.from_scratch:
-            raise ValueError(
-                "the place split left no pre-training patch: make data.place_split's block, "
-                "buffer or share of reserved blocks (1 / every) smaller"
-            )
-        log.info("pre-training on %d negatives of other places", len(pretrain_patches))
 
     out_dir.mkdir(parents=True, exist_ok=True)
     needs_pretrain = not cfg.from_scratch
@@ -538,14 +526,7 @@ def train(
         )
     vae = DisentangledVAE(model_cfg)  # from scratch: its random encoder starts fine-tuning
     pre_history = (
-        pretrain(
-            vae,
-            negatives if pretrain_patches is None else pretrain_patches,
-            cfg,
-            progress,
-            run_dir=out_dir,
-            scaling=scaling,
-        )
+        pretrain(vae, negatives, cfg, progress, run_dir=out_dir, scaling=scaling)
         if needs_pretrain
         else []
     )
@@ -597,9 +578,6 @@ def train(
         "metrics": metrics,
         "n_positives": len(positives),
         "n_negatives": len(negatives),
-        "n_pretrain": 0
-        if cfg.from_scratch
-        else len(negatives if pretrain_patches is None else pretrain_patches),
     }
     checkpoint = out_dir / "checkpoint.pt"
     save_checkpoint(checkpoint, payload)

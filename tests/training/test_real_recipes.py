@@ -265,26 +265,6 @@ def test_augmented_negatives_are_added(rgb_folder: Path, tmp_path: Path) -> None
     assert "nuisance-augmented" in b["data"]["description"]
 
 
-def test_place_split_pretrains_on_other_places(rgb_folder: Path, tmp_path: Path) -> None:
-    plain = run(rgb_config(rgb_folder), tmp_path / "plain", progress=False)
-    split = "data.place_split={block = 32, every = 3, buffer = 0}"
-    apart = run(rgb_config(rgb_folder, split), tmp_path / "apart", progress=False)
-    assert plain is not None and apart is not None
-    a, b = load_checkpoint(plain.checkpoint), load_checkpoint(apart.checkpoint)
-    assert a["n_pretrain"] == a["n_negatives"]  # without the split, both stages share negatives
-    assert 0 < b["n_pretrain"] < a["n_pretrain"] and b["n_negatives"] < a["n_negatives"]
-    assert b["n_positives"] == a["n_positives"]
-    assert b["n_pretrain"] + b["n_negatives"] <= a["n_negatives"]  # disjoint places
-
-
-def test_a_place_split_that_leaves_nothing_to_pretrain_is_refused(
-    rgb_folder: Path, tmp_path: Path
-) -> None:
-    cfg = rgb_config(rgb_folder, "data.place_split={block = 1000, every = 2}")
-    with pytest.raises(ValueError, match="left no pre-training patch"):
-        run(cfg, tmp_path / "run", progress=False)
-
-
 # ------------------------------------------------------------------- runs, scaling and export
 
 
