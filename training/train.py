@@ -30,7 +30,13 @@ from serving import tiling
 from serving.quality import auroc, best_threshold, binary_scores
 from training import losses
 from training.data import PatchSet
-from training.model import ChangeDetector, DisentangledVAE, ModelConfig, bce_change_loss
+from training.model import (
+    ChangeDetector,
+    DisentangledVAE,
+    DistanceClassifier,
+    ModelConfig,
+    bce_change_loss,
+)
 from training.plots import plot_history
 
 log = logging.getLogger(__name__)
@@ -322,6 +328,14 @@ def finetune(
         negatives = negatives.select(np.sort(keep))
     device = resolve_device(cfg.device)
     detector.to(device)
+    if isinstance(detector.classifier, DistanceClassifier):
+        sample = negatives.select(
+            np.sort(np.random.default_rng([cfg.seed, 4]).permutation(len(negatives))[:4096])
+        )
+        with torch.no_grad():
+            mu_a = detector.encoder.common(to_unit(sample.before, device, scaling))
+            mu_b = detector.encoder.common(to_unit(sample.after, device, scaling))
+            detector.classifier.calibrate(mu_a, mu_b)
     groups = [{"params": list(detector.classifier.parameters()), "lr": cfg.finetune_lr}]
     if cfg.encoder_lr_scale > 0:
         groups.append(

@@ -9,6 +9,7 @@ from training.model import (
     ChangeDetector,
     Decoder,
     DisentangledVAE,
+    DistanceClassifier,
     Encoder,
     ModelConfig,
     Posterior,
@@ -100,3 +101,35 @@ def test_detector_has_no_decoder() -> None:
     names = {n for n, _ in ChangeDetector(small()).named_parameters()}
     assert names
     assert not any(n.startswith("decoder") for n in names)
+
+
+def test_distance_classifier_is_monotone_in_the_common_distance_and_symmetric() -> None:
+    torch.manual_seed(0)
+    head = DistanceClassifier(small())
+    a = torch.randn(64, 6)
+    near, far = a + 0.1 * torch.randn(64, 6), a + 2.0 * torch.randn(64, 6)
+    head.calibrate(a, near)  # unchanged pairs: their mean squared distance becomes 1
+    assert torch.allclose(((a - near) ** 2).mean(1).mean() / head.norm, torch.tensor(1.0))
+    with torch.no_grad():
+        head.log_gain.fill_(1.5)
+        head.bias.fill_(-0.3)
+    for other in (near, far):
+        assert torch.allclose(head(a, other), head(other, a))
+    d2 = ((a - far) ** 2).mean(1)
+    order = torch.argsort(d2)
+    assert (head(a, far)[order].diff() >= 0).all()  # ranked by distance alone, whatever was learned
+    assert head(a, a).allclose(torch.full((64,), -0.3))  # identical features: the bias
+
+
+def test_detector_with_the_distance_head_round_trips_through_its_state() -> None:
+    torch.manual_seed(0)
+    cfg = small(classifier="distance")
+    det = ChangeDetector(cfg)
+    assert isinstance(det.classifier, DistanceClassifier)
+    det.classifier.calibrate(torch.zeros(2, 6), torch.full((2, 6), 3.0))
+    again = ChangeDetector(ModelConfig(**cfg.to_dict()))
+    again.load_state_dict(det.state_dict())  # the norm buffer travels with the weights
+    x, y = torch.rand(4, 3, 32, 32), torch.rand(4, 3, 32, 32)
+    assert torch.equal(again.eval()(x, y), det.eval()(x, y))
+    assert float(again.classifier.norm) == 9.0
+    assert isinstance(ChangeDetector(small()).classifier, type(det.classifier)) is False

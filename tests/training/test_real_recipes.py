@@ -417,6 +417,27 @@ def test_from_scratch_through_run_and_export(rgb_folder: Path, tmp_path: Path) -
     assert exported.metadata.input_dtype == "uint8" and exported.metadata.scale == 1 / 255
 
 
+def test_distance_head_trains_only_its_two_parameters_and_exports(
+    rgb_folder: Path, tmp_path: Path
+) -> None:
+    cfg = rgb_config(rgb_folder, "model.classifier='distance'", "train.encoder_lr_scale=0")
+    result = run(cfg, tmp_path / "run", progress=False)
+    assert result is not None
+    payload = load_checkpoint(result.checkpoint)
+    state, vae = payload["detector_state"], payload["vae_state"]
+    assert set(k for k in state if k.startswith("classifier.")) == {
+        "classifier.norm",
+        "classifier.log_gain",
+        "classifier.bias",
+    }
+    assert float(state["classifier.norm"]) != 1.0  # calibrated on the negatives
+    for k, v in state.items():  # the frozen encoder is the pre-trained one, bit for bit
+        if k.startswith("encoder."):
+            assert torch.equal(v, vae[k]), k
+    exported = export_checkpoint(result.checkpoint, tmp_path / "m", name="dist", version="1")
+    assert exported.parity_max_abs_diff < 1e-4
+
+
 # ------------------------------------------------------------- the presets on the shared data
 
 

@@ -88,11 +88,19 @@ def test_cells_cross_fold_thresholds_and_resume(folder: Path, tmp_path: Path) ->
     assert "train.from_scratch=true" in study.command("p1", "siamese", None, 0)
     assert "train.finetune_steps=2" in study.command("p1", "siamese", 1, 0)
     # the headline cells (first seed, every positive) come first
-    assert study.todo("p0")[:2] == [("ours", None, 0), ("siamese", None, 0)]
+    assert study.todo("p0")[:3] == [
+        ("ours", None, 0),
+        ("ours-distance", None, 0),
+        ("siamese", None, 0),
+    ]
+    distance = study.command("p1", "ours-distance", 1, 0)
+    assert "model.classifier=distance" in distance and "train.encoder_lr_scale=0" in distance
     study.run()
 
     cells = sorted(p.name for p in (results / "study-aerial-rgb_cells").glob("*.json"))
-    assert len(cells) == 3 * (1 + 2 * 2)  # per fold: cva + {ours, siamese} x {1, all}
+    assert len(cells) == 3 * (
+        1 + 3 * 2
+    )  # per fold: cva + {ours, ours-distance, siamese} x {1, all}
     cell = json.loads((results / "study-aerial-rgb_cells" / "p1_ours_1_s0.json").read_text())
     assert cell["n_positives"] == 1 and cell["fold"] == "p1"
     assert sum(cell["hist"]["positive"]) + sum(cell["hist"]["negative"]) == 96 * 96

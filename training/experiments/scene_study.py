@@ -1,9 +1,10 @@
 """Few labels on real pairs: leave-one-pair-out (or one city/pair per fold) over a scenes preset.
 
-Cells: {every pair held out once} x {ours, siamese from scratch} x {5, 50, all positive patches}
-x seeds, plus change vector analysis per fold. Each cell is exactly `rarechange train --preset P`
-with a few ``--set`` overrides (recorded in the cell), exported to ONNX and scored on its held-out
-pair by the one evaluation (:mod:`training.evaluation`: tiler, batcher, ONNX Runtime, stitch).
+Cells: {every pair held out once} x {ours, ours-distance, siamese from scratch} x {5, 50, all
+positives} x seeds, plus change vector analysis per fold. Each cell is exactly `rarechange train
+--preset P` with a few ``--set`` overrides (recorded in the cell), exported to ONNX and scored on
+its held-out pair by the one evaluation (:mod:`training.evaluation`: tiler, batcher, ONNX
+Runtime, stitch).
 
 Pre-training (negatives only, never the held-out pair) is shared by every cell of a fold and
 checkpointed per epoch; every finished cell is one small JSON file, so a killed study resumes
@@ -38,7 +39,19 @@ from training.experiments.table3 import write_json
 
 log = logging.getLogger(__name__)
 
-METHODS = ("ours", "siamese")
+# each method is the preset plus these overrides; methods are per cell, outside the digest
+METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
+    "ours": (),
+    # the fold's pre-trained encoder, frozen; two parameters on the common-feature distance
+    "ours-distance": (
+        "model.classifier=distance",
+        "train.encoder_lr_scale=0",
+        "train.finetune_steps=300",
+        "train.finetune_steps_per_epoch=300",
+    ),
+    "siamese": ("train.from_scratch=true",),
+}
+METHODS = tuple(METHOD_OVERRIDES)
 HIST_BINS = 200  # threshold grid of the cross-fold choice: 0.005
 
 
@@ -132,9 +145,7 @@ class SceneStudy:
         if steps is not None:
             per_epoch = min(steps, self.base.train.finetune_steps_per_epoch)
             out += [f"train.finetune_steps={steps}", f"train.finetune_steps_per_epoch={per_epoch}"]
-        if method == "siamese":
-            out.append("train.from_scratch=true")
-        return out
+        return out + list(METHOD_OVERRIDES[method])
 
     def config(self, fold: str, method: str, budget: int | None, seed: int) -> RunConfig:
         return load_config(
@@ -202,7 +213,7 @@ class SceneStudy:
         fold_dir = self.work_dir / fold.replace("/", "-")
         cell_dir = fold_dir / f"{method}_{budget_name(budget)}_s{seed}"
         t0 = time.perf_counter()
-        if method == "ours":
+        if method != "siamese":  # pre-trained methods share the fold's pre-training
             pre = fold_dir / "pretrain"
             run(self.config(fold, "ours", None, 0), pre, stage="pretrain", progress=self.progress)
             cell_dir.mkdir(parents=True, exist_ok=True)
