@@ -96,7 +96,12 @@ def remember_config(config: RunConfig, out_dir: Path) -> None:
     path = out_dir / "config.json"
     text = config.model_dump_json(indent=1)
     if path.exists():
-        if json.loads(path.read_text()) != json.loads(text):
+        # compared as configs, not as text: a field added since (with its default) is the same run
+        try:
+            stored: RunConfig | None = RunConfig.model_validate_json(path.read_text())
+        except ValueError:
+            stored = None
+        if stored != config:
             raise ConfigMismatch(
                 f"{out_dir} holds a run with another config ({path}); use a new --out folder"
             )

@@ -89,3 +89,24 @@ def test_resuming_with_another_config_is_refused(tmp_path: Path) -> None:
     remember_config(load_config(preset="mnist", overrides=TINY), tmp_path)
     with pytest.raises(ConfigMismatch):
         remember_config(load_config(preset="mnist", overrides=[*TINY, "train.seed=5"]), tmp_path)
+
+
+def test_resuming_a_run_from_before_a_new_setting_is_the_same_run(tmp_path: Path) -> None:
+    """A config.json written before a field existed resumes when the field keeps its default,
+    and is refused when the resumed run sets it otherwise; a file that no longer validates is
+    another run."""
+    from training.recipes import ConfigMismatch, remember_config
+
+    config = load_config(preset="mnist", overrides=TINY)
+    stored = json.loads(config.model_dump_json())
+    del stored["model"]["classifier"], stored["train"]["threshold"]  # as written before them
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    remember_config(config, tmp_path)
+    with pytest.raises(ConfigMismatch):
+        remember_config(
+            load_config(preset="mnist", overrides=[*TINY, "train.threshold=0.3"]), tmp_path
+        )
+    stored["model"]["retired_setting"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(stored))
+    with pytest.raises(ConfigMismatch):
+        remember_config(config, tmp_path)
