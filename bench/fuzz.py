@@ -543,6 +543,20 @@ class Case:
     size: tuple[int, int] | None = None  # (H, W) an OK response must report
 
 
+def bundled_versions(names: list[str]) -> dict[str, str]:
+    """Each bundled model's version, from its ONNX metadata ("" is the default: aerial-rgb)."""
+    import onnx
+
+    from serving.metadata import ModelMetadata
+
+    versions = {}
+    for name in names:
+        model = onnx.load(MODELS / (name or "aerial-rgb") / "model.onnx", load_external_data=False)
+        props = {p.key: p.value for p in model.metadata_props}
+        versions[name] = ModelMetadata.from_props(props).version
+    return versions
+
+
 class Generator:
     """Requests of every kind, from one seeded random.Random (the same seed, the same run)."""
 
@@ -568,6 +582,7 @@ class Generator:
             "synthetic-thin-fp16",
             "synthetic-thin-int8",
         ]
+        self.versions = bundled_versions(self.models)
 
     # -- pieces
     def pixels(self, h: int, w: int, c: int = 3) -> Any:
@@ -596,9 +611,10 @@ class Generator:
 
     def valid_options(self) -> Any:
         pb = self.pb
+        model = self.rng.choice(self.models)
         opts = pb.DetectOptions(
-            model=self.rng.choice(self.models),
-            model_version=self.rng.choice(["", "0.1.0"]),
+            model=model,
+            model_version=self.rng.choice(["", self.versions[model]]),
             stride=self.rng.choice([0, 4, 8, 16, 32]),
             outputs=self.rng.sample([1, 2, 3, 4], self.rng.randint(0, 4)),
             probability_encoding=self.rng.randint(0, 2),

@@ -59,7 +59,7 @@ SIDE = 40
 MAX_PIXELS = SIDE * SIDE
 QUEUE = 1024
 MAX_STREAM_BYTES = 1 << 20
-PATCH, CHANNELS, STRIDE, VERSION = 32, 3, 8, "0.1.0"  # every bundled model
+PATCH, CHANNELS, STRIDE = 32, 3, 8  # every bundled model
 
 Code = grpc.StatusCode
 OK, INVALID, NOT_FOUND = Code.OK, Code.INVALID_ARGUMENT, Code.NOT_FOUND
@@ -89,13 +89,13 @@ def server() -> Iterator[ChangeDetectionServer]:
 
 
 @pytest.fixture(scope="module")
-def served(server: ChangeDetectionServer) -> frozenset[str]:
+def served(server: ChangeDetectionServer) -> dict[str, str]:
+    """Model name -> version; "" (the default model) included."""
     models = server.repository.models
     assert {(m.metadata.patch_size, m.metadata.channels) for m in models.values()} == {(32, 3)}
-    assert {(m.metadata.input_dtype, m.metadata.version) for m in models.values()} == {
-        ("uint8", VERSION)
-    }
-    return frozenset(models)
+    assert {m.metadata.input_dtype for m in models.values()} == {"uint8"}
+    versions = {name: m.metadata.version for name, m in models.items()}
+    return {**versions, "": versions[server.repository.default]}
 
 
 @pytest.fixture(scope="module")
@@ -322,7 +322,7 @@ outputs_field = st.just([]) | st.lists(
 def options(draw: st.DrawFn) -> pb.DetectOptions:
     opts = pb.DetectOptions(
         model=draw(model_names),
-        model_version=draw(_mostly(st.sampled_from(["", VERSION]), st.text(max_size=6))),
+        model_version=draw(_mostly(st.sampled_from(["", "0.1.0", "0.2.0"]), st.text(max_size=6))),
         stride=draw(
             st.sampled_from([0, 0, 8, 16, 32]) | st.integers(0, 40) | st.integers(0, 2**32 - 1)
         ),
@@ -341,7 +341,7 @@ def _patches(length: int, stride: int) -> int:
     return len(range(-((PATCH - 1) // stride) * stride, length, stride))
 
 
-def predict(before: Img, after: Img, opts: pb.DetectOptions, served: frozenset[str]) -> set[Code]:
+def predict(before: Img, after: Img, opts: pb.DetectOptions, served: dict[str, str]) -> set[Code]:
     """The statuses the documented validation rules allow for this request, in their order."""
     if before.decoded is None or after.decoded is None:
         return {INVALID}
@@ -349,7 +349,7 @@ def predict(before: Img, after: Img, opts: pb.DetectOptions, served: frozenset[s
         return {OK, INVALID, NOT_FOUND}
     if any(o not in (1, 2, 3, 4) for o in opts.outputs):
         return {INVALID}
-    if (opts.model and opts.model not in served) or opts.model_version not in ("", VERSION):
+    if opts.model not in served or opts.model_version not in ("", served[opts.model]):
         return {NOT_FOUND}
     h, w, c, dtype = before.decoded
     stride = opts.stride or STRIDE
@@ -435,7 +435,7 @@ def _check_response(
 def test_detect_change_answers_as_the_rules_say(
     server: ChangeDetectionServer,
     channel: grpc.Channel,
-    served: frozenset[str],
+    served: dict[str, str],
     case: tuple[pb.DetectChangeRequest, Img, Img],
 ) -> None:
     request, before, after = case
