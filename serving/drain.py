@@ -17,6 +17,8 @@ from typing import Any
 
 import grpc
 
+from serving.interceptors import HandlerInterceptor, behavior_of, rebuilt
+
 __all__ = ["DRAINING_MESSAGE", "DrainGate"]
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,7 @@ ALWAYS_OPEN = (
 )
 
 
-class DrainGate(grpc.ServerInterceptor):
+class DrainGate(HandlerInterceptor):
     """Counts running calls; once closed, refuses new ones (UNAVAILABLE) without reading them."""
 
     def __init__(self, always_open: Sequence[str] = ALWAYS_OPEN) -> None:
@@ -69,29 +71,19 @@ class DrainGate(grpc.ServerInterceptor):
                 wait = deadline - now if self._running else quiet - (now - self._last)
                 self._cond.wait(min(wait, deadline - now))
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        if handler is None or handler_call_details.method.startswith(self._open_prefixes):
+        if handler is None or details.method.startswith(self._open_prefixes):
             return handler
-        stream_in, stream_out = handler.request_streaming, handler.response_streaming
-        kind = ("stream" if stream_in else "unary") + "_" + ("stream" if stream_out else "unary")
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
         with self._cond:
             closed = self._closed
-        if closed:  # no deserializer: a refused call's bytes are never parsed
-            with self._cond:
+            if closed:
                 self.refused += 1
                 self._last = time.monotonic()
-            return factory(_refuse)
-        return factory(
-            self._counted(getattr(handler, kind), stream_out),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+        if closed:  # not parsed: a refused call's bytes are never read
+            return rebuilt(handler, _refuse, parse=False)
+        return rebuilt(handler, self._counted(behavior_of(handler), handler.response_streaming))
 
     def _enter(self) -> None:
         # admitted calls run even when the gate closed while they waited for a handler thread:

@@ -31,6 +31,8 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import start_http_server as _start_http_server
 
+from serving.interceptors import HandlerInterceptor, behavior_of, rebuilt
+
 if TYPE_CHECKING:
     from serving.models import ModelRepository
 
@@ -281,30 +283,22 @@ class _Call:
         self.finish(context)
 
 
-class MetricsInterceptor(grpc.ServerInterceptor):
+class MetricsInterceptor(HandlerInterceptor):
     """Counts every call by model, method and final status code, and times it."""
 
     def __init__(self, metrics: ServerMetrics) -> None:
         self.metrics = metrics
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
-        service, _, method = handler_call_details.method.lstrip("/").rpartition("/")
+        service, _, method = details.method.lstrip("/").rpartition("/")
         if handler is None or service in UNMETERED_SERVICES:
             return handler
-        stream_in, stream_out = handler.request_streaming, handler.response_streaming
-        kind = ("stream" if stream_in else "unary") + "_" + ("stream" if stream_out else "unary")
-        behavior = getattr(handler, kind)
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(
-            self._metered(behavior, method, stream_in, stream_out),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
+        metered = self._metered(
+            behavior_of(handler), method, handler.request_streaming, handler.response_streaming
         )
+        return rebuilt(handler, metered)
 
     def _metered(
         self, behavior: Callable[..., Any], method: str, stream_in: bool, stream_out: bool

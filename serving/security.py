@@ -28,7 +28,7 @@ import hashlib
 import hmac
 import logging
 import ssl
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import grpc
 
 from serving.config import ServerSettings
 from serving.errors import RareChangeError
+from serving.interceptors import HandlerInterceptor, rebuilt
 
 __all__ = [
     "OPEN_SERVICES",
@@ -134,7 +135,7 @@ def server_interceptors(settings: ServerSettings) -> list[grpc.ServerInterceptor
     return [BearerTokenInterceptor(settings.auth_token.get_secret_value())]
 
 
-class BearerTokenInterceptor(grpc.ServerInterceptor):
+class BearerTokenInterceptor(HandlerInterceptor):
     """Refuse calls without the right ``authorization: Bearer <token>``, except open services."""
 
     def __init__(self, token: str, open_services: Sequence[str] = OPEN_SERVICES) -> None:
@@ -143,18 +144,16 @@ class BearerTokenInterceptor(grpc.ServerInterceptor):
         self._digest = hashlib.sha256(token.encode()).digest()
         self._open = tuple(f"/{service}/" for service in open_services)
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        method = handler_call_details.method
+        method = details.method
         if method.startswith(self._open):
-            return continuation(handler_call_details)
-        problem = self._problem(handler_call_details.invocation_metadata or ())
+            return handler
+        problem = self._problem(details.invocation_metadata or ())
         if problem is None:
-            return continuation(handler_call_details)
-        return _refusal(continuation(handler_call_details), method, problem)
+            return handler
+        return _refusal(handler, method, problem)
 
     def _problem(self, metadata: Sequence[tuple[str, str | bytes]]) -> str | None:
         """None when the token is right, else what is wrong, in words for the client."""
@@ -184,11 +183,5 @@ def _refusal(
         log.info("refused %s from %s: %s", method, context.peer(), message)
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    # No deserializers: a refused call's bytes are never parsed, so junk cannot change the status.
-    if handler is None or not (handler.request_streaming or handler.response_streaming):
-        return grpc.unary_unary_rpc_method_handler(refuse)
-    if handler.request_streaming and handler.response_streaming:
-        return grpc.stream_stream_rpc_method_handler(refuse)
-    if handler.request_streaming:
-        return grpc.stream_unary_rpc_method_handler(refuse)
-    return grpc.unary_stream_rpc_method_handler(refuse)
+    # not parsed: a refused call's bytes are never read, so junk cannot change the status
+    return rebuilt(handler, refuse, parse=False)

@@ -8,7 +8,7 @@ import functools
 import logging
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -28,6 +28,7 @@ from serving.errors import (
     ModelNotFound,
     Overloaded,
 )
+from serving.interceptors import HandlerInterceptor, behavior_of, rebuilt
 from serving.models import ServedModel
 from serving.pictures import FAST_PNG, encode_png, probability_to_uint8
 
@@ -87,7 +88,7 @@ class _Unparsable:
         self.details = details
 
 
-class MalformedRequestInterceptor(grpc.ServerInterceptor):
+class MalformedRequestInterceptor(HandlerInterceptor):
     """Request bytes that are not a valid message get INVALID_ARGUMENT, not gRPC's INTERNAL.
 
     gRPC Python answers a message it cannot deserialize with INTERNAL ("Exception deserializing
@@ -97,17 +98,14 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
     innermost: a call the token check refuses is then never parsed at all.
     """
 
-    def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
-        handler_call_details: grpc.HandlerCallDetails,
+    def wrap(
+        self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
-        handler = continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
         parse = handler.request_deserializer
         message = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
-        details = (
+        problem = (
             f"the request is not a valid {getattr(message, 'full_name', 'request')} message "
             "(malformed protocol buffer); send messages serialized from the published .proto"
         )
@@ -116,12 +114,11 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
             try:
                 return parse(data)
             except Exception:  # DecodeError, or whatever another deserializer raises
-                return _Unparsable(details)
+                return _Unparsable(problem)
 
-        stream_in, stream_out = handler.request_streaming, handler.response_streaming
-        kind = ("stream" if stream_in else "unary") + "_" + ("stream" if stream_out else "unary")
-        behavior = getattr(handler, kind)
-        method = handler_call_details.method
+        stream_in = handler.request_streaming
+        behavior = behavior_of(handler)
+        method = details.method
 
         # wraps() keeps attributes gRPC reads from the behaviour (the health service's Watch is
         # `experimental_non_blocking` and takes a third argument, hence *rest)
@@ -134,10 +131,7 @@ class MalformedRequestInterceptor(grpc.ServerInterceptor):
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.details)
             return behavior(request, context, *rest)
 
-        factory = getattr(grpc, f"{kind}_rpc_method_handler")
-        return factory(
-            checked, request_deserializer=tolerant, response_serializer=handler.response_serializer
-        )
+        return rebuilt(handler, checked, deserializer=tolerant)
 
 
 def _parsed(requests: Iterator[Any], context: grpc.ServicerContext, method: str) -> Iterator[Any]:
