@@ -143,7 +143,8 @@ def scenes(
     vs change vector analysis, at 5 / 50 / all positive patches, over seeds.
 
     One JSON per finished cell in RESULTS/study-PRESET_cells/, the summary in
-    RESULTS/study-PRESET.md and .json. Run it again to resume.
+    RESULTS/study-PRESET.md and .json (with --set: study-PRESET_DIGEST, a protocol of its own
+    that never touches the preset's cells). Run it again to resume.
     """
     try:
         import torch

@@ -97,32 +97,45 @@ def test_cells_cross_fold_thresholds_and_resume(folder: Path, tmp_path: Path) ->
     assert "model.classifier=distance" in distance and "train.encoder_lr_scale=0" in distance
     study.run()
 
-    cells = sorted(p.name for p in (results / "study-aerial-rgb_cells").glob("*.json"))
+    cells = sorted(p.name for p in study.cells_dir.glob("*.json"))
     assert len(cells) == 3 * (
         1 + 3 * 2
     )  # per fold: cva + {ours, ours-distance, siamese} x {1, all}
-    cell = json.loads((results / "study-aerial-rgb_cells" / "p1_ours_1_s0.json").read_text())
+    cell = json.loads((study.cells_dir / "p1_ours_1_s0.json").read_text())
     assert cell["n_positives"] == 1 and cell["fold"] == "p1"
     assert sum(cell["hist"]["positive"]) + sum(cell["hist"]["negative"]) == 96 * 96
     assert 0.0 <= cell["auroc"] <= 1.0
 
-    summary = json.loads((results / "study-aerial-rgb.json").read_text())
+    summary = json.loads((results / f"{study.name}.json").read_text())
     row = next(r for r in summary["rows"] if (r["method"], r["budget"]) == ("ours", "1"))
     # fold p0's threshold is the best pooled F1 of p1 and p2's maps, never of p0's own
     recs = {
-        f: json.loads((results / "study-aerial-rgb_cells" / f"{f}_ours_1_s0.json").read_text())
+        f: json.loads((study.cells_dir / f"{f}_ours_1_s0.json").read_text())
         for f in ("p0", "p1", "p2")
     }
     k = best_bin([recs["p1"]["hist"], recs["p2"]["hist"]])
     assert row["cross_fold"]["p0"]["threshold"] == k / HIST_BINS
     assert row["cross_fold"]["p0"]["f1"] == pytest.approx(f1_of(*counts_at(recs["p0"]["hist"], k)))
     assert set(summary["cva"]) == {"p0", "p1", "p2"}
-    md = (results / "study-aerial-rgb.md").read_text()
+    md = (results / f"{study.name}.md").read_text()
     assert "| ours | 1 | 1 | 3 |" in md and "CVA + Otsu" in md
 
     # resume: nothing left to do, and no cell is rewritten
-    before = {p: p.stat().st_mtime_ns for p in (results / "study-aerial-rgb_cells").iterdir()}
+    before = {p: p.stat().st_mtime_ns for p in study.cells_dir.iterdir()}
     assert all(not study.todo(f) for f in study.folds())
     study.run()
-    after = {p: p.stat().st_mtime_ns for p in (results / "study-aerial-rgb_cells").iterdir()}
+    after = {p: p.stat().st_mtime_ns for p in study.cells_dir.iterdir()}
     assert before == after
+
+    # another protocol (one more override) writes elsewhere and never over these cells
+    other = SceneStudy(
+        StudySettings(**{**settings.__dict__, "extra": (*settings.extra, "train.seed=3")}),
+        results,
+        work,
+        progress=False,
+    )
+    assert other.digest != study.digest and other.cells_dir != study.cells_dir
+    assert study.name == "study-aerial-rgb_" + study.digest  # its extra overrides: its own name
+    with pytest.raises(FileExistsError, match="another protocol"):
+        other.cells_dir = study.cells_dir
+        other.write_cell("p1_ours_1_s0.json", "p1", "ours", 1, 0, None, None, {}, 0.0, "")

@@ -119,7 +119,9 @@ class SceneStudy:
     ) -> None:
         self.s = settings
         self.digest = settings.digest()
-        self.name = f"study-{settings.preset}"
+        # another protocol (extra overrides) gets its own cells and summary, never the preset's
+        suffix = f"_{self.digest}" if settings.extra else ""
+        self.name = f"study-{settings.preset}{suffix}"
         self.cells_dir = results_dir / f"{self.name}_cells"
         self.results_dir = results_dir
         self.work_dir = work_dir / self.digest
@@ -278,10 +280,13 @@ class SceneStudy:
         from serving.quality import auroc
         from training.evaluation import pixel_counts
 
+        path = self.cells_dir / name
+        if path.exists() and json.loads(path.read_text()).get("protocol") != self.digest:
+            raise FileExistsError(f"{path} holds a cell of another protocol; not overwriting it")
         truth = pair.mask.astype(bool)
         counts = pixel_counts(scored.mask, truth)
         write_json(
-            self.cells_dir / name,
+            path,
             {
                 "fold": fold,
                 "method": method,
