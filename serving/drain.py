@@ -17,7 +17,7 @@ from typing import Any
 
 import grpc
 
-from serving.interceptors import HandlerInterceptor, behavior_of, rebuilt
+from serving.interceptors import PROBE_SERVICES, HandlerInterceptor, behavior_of, rebuilt
 
 __all__ = ["DRAINING_MESSAGE", "DrainGate"]
 
@@ -25,17 +25,11 @@ log = logging.getLogger(__name__)
 
 DRAINING_MESSAGE = "the server is shutting down; retry on another replica"
 
-ALWAYS_OPEN = (
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1alpha.ServerReflection",
-    "grpc.reflection.v1.ServerReflection",
-)
-
 
 class DrainGate(HandlerInterceptor):
     """Counts running calls; once closed, refuses new ones (UNAVAILABLE) without reading them."""
 
-    def __init__(self, always_open: Sequence[str] = ALWAYS_OPEN) -> None:
+    def __init__(self, always_open: Sequence[str] = PROBE_SERVICES) -> None:
         self._open_prefixes = tuple(f"/{service}/" for service in always_open)
         self._cond = threading.Condition()
         self._running = 0

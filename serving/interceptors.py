@@ -13,7 +13,15 @@ from typing import Any
 
 import grpc
 
-__all__ = ["HandlerInterceptor", "behavior_of", "kind_of", "rebuilt"]
+__all__ = ["PROBE_SERVICES", "HandlerInterceptor", "behavior_of", "kind_of", "rebuilt"]
+
+PROBE_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
+"""Health and reflection: probes and schema discovery, which no token, drain or metric may block
+or count as traffic."""
 
 
 def kind_of(handler: grpc.RpcMethodHandler) -> str:

@@ -31,7 +31,7 @@ import grpc
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
 from prometheus_client import start_http_server as _start_http_server
 
-from serving.interceptors import HandlerInterceptor, behavior_of, rebuilt
+from serving.interceptors import PROBE_SERVICES, HandlerInterceptor, behavior_of, rebuilt
 
 if TYPE_CHECKING:
     from serving.models import ModelRepository
@@ -40,13 +40,7 @@ __all__ = ["UNMETERED_SERVICES", "MetricsInterceptor", "ServerMetrics", "request
 
 log = logging.getLogger(__name__)
 
-UNMETERED_SERVICES = frozenset(
-    {
-        "grpc.health.v1.Health",
-        "grpc.reflection.v1alpha.ServerReflection",
-        "grpc.reflection.v1.ServerReflection",
-    }
-)
+UNMETERED_SERVICES = frozenset(PROBE_SERVICES)
 
 # seconds; requests span a 64x64 pair (milliseconds) to a scene (minutes)
 REQUEST_BUCKETS = (

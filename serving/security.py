@@ -36,7 +36,7 @@ import grpc
 
 from serving.config import ServerSettings
 from serving.errors import RareChangeError
-from serving.interceptors import HandlerInterceptor, rebuilt
+from serving.interceptors import PROBE_SERVICES, HandlerInterceptor, rebuilt
 
 __all__ = [
     "OPEN_SERVICES",
@@ -49,11 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-OPEN_SERVICES = (
-    "grpc.health.v1.Health",
-    "grpc.reflection.v1alpha.ServerReflection",
-    "grpc.reflection.v1.ServerReflection",
-)
+OPEN_SERVICES = PROBE_SERVICES
 """Services callable without the bearer token (probes and schema discovery)."""
 
 _HOW = (
