@@ -152,23 +152,23 @@ class ChangeClassifier(nn.Module):
 
 
 class DistanceClassifier(nn.Module):
-    """logit = gain * mean_k (mu_c_A,k - mu_c_B,k)^2 / norm + bias, gain > 0.
+    """logit = gain * log(mean_k (mu_c_A,k - mu_c_B,k)^2 / norm) + bias, gain > 0.
 
     Pre-training alone makes the distance between the two dates' common features a change score:
     with no label at all it ranks held-out SZTAKI patches at AUROC 0.57-0.96 (median 0.85), while
     the MLP fitted on 5 positives ranked held-out pairs below chance (pixel AUROC 0.48 over eight
     folds, docs/results/study-aerial-rgb.md). Monotone in that distance, the labels here only set
     the slope and the offset: the ranking cannot be learned wrong from five examples.
-    ``norm`` is the mean squared distance of unchanged pairs, set by :meth:`calibrate`.
+    ``norm`` is the mean squared distance of unchanged pairs, set by :meth:`calibrate`; untrained
+    (gain 1, bias 0) the probability is d / (1 + d) of that normalised distance d, a fixed scale
+    that every fold shares, so a threshold chosen on some folds means the same on another.
     """
 
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.register_buffer("norm", torch.ones(()))
         self.log_gain = nn.Parameter(torch.zeros(()))
-        self.bias = nn.Parameter(
-            torch.full((), -2.0)
-        )  # unchanged pairs (distance ~1) start unlikely
+        self.bias = nn.Parameter(torch.zeros(()))
 
     @torch.no_grad()
     def calibrate(self, mu_c_a: torch.Tensor, mu_c_b: torch.Tensor) -> None:
@@ -176,8 +176,8 @@ class DistanceClassifier(nn.Module):
         self.norm.fill_(float(((mu_c_a - mu_c_b) ** 2).mean()) + 1e-12)
 
     def forward(self, mu_c_a: torch.Tensor, mu_c_b: torch.Tensor) -> torch.Tensor:
-        d2 = ((mu_c_a - mu_c_b) ** 2).mean(1) / self.norm  # (B,)
-        return torch.exp(self.log_gain) * d2 + self.bias
+        d = ((mu_c_a - mu_c_b) ** 2).mean(1) / self.norm  # (B,), 1 = a typical unchanged pair
+        return torch.exp(self.log_gain) * torch.log(d + 1e-6) + self.bias
 
 
 class ChangeDetector(nn.Module):

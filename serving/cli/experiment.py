@@ -104,7 +104,7 @@ def table3(
 @click.option("--folds", default="", help="Held-out pairs, comma-separated (default: every pair).")
 @click.option("--budgets", default="5,50,all", show_default=True, help="Positive patches.")
 @click.option("--seeds", default="0,1,2", show_default=True, help="e.g. 0,1,2 or 0-9.")
-@click.option("--methods", default="ours,ours-distance,siamese", show_default=True)
+@click.option("--methods", default="ours,ours-distance,ours-no-labels,siamese", show_default=True)
 @click.option(
     "--set",
     "extra",

@@ -118,7 +118,13 @@ def test_distance_classifier_is_monotone_in_the_common_distance_and_symmetric() 
     d2 = ((a - far) ** 2).mean(1)
     order = torch.argsort(d2)
     assert (head(a, far)[order].diff() >= 0).all()  # ranked by distance alone, whatever was learned
-    assert head(a, a).allclose(torch.full((64,), -0.3))  # identical features: the bias
+    same = torch.exp(torch.tensor(1.5)) * torch.log(torch.tensor(1e-6)) - 0.3
+    assert head(a, a).allclose(same.expand(64))  # identical features: far below any change
+    with torch.no_grad():  # untrained: p = d / (1 + d) of the normalised distance d
+        head.log_gain.zero_()
+        head.bias.zero_()
+    d = ((a - far) ** 2).mean(1) / head.norm
+    assert torch.allclose(torch.sigmoid(head(a, far)), d / (1 + d), atol=1e-5)
 
 
 def test_detector_with_the_distance_head_round_trips_through_its_state() -> None:

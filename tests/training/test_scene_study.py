@@ -88,9 +88,10 @@ def test_cells_cross_fold_thresholds_and_resume(folder: Path, tmp_path: Path) ->
     assert "train.from_scratch=true" in study.command("p1", "siamese", None, 0)
     assert "train.finetune_steps=2" in study.command("p1", "siamese", 1, 0)
     # the headline cells (first seed, every positive) come first
-    assert study.todo("p0")[:3] == [
+    assert study.todo("p0")[:4] == [
         ("ours", None, 0),
         ("ours-distance", None, 0),
+        ("ours-no-labels", None, 0),
         ("siamese", None, 0),
     ]
     distance = study.command("p1", "ours-distance", 1, 0)
@@ -98,9 +99,7 @@ def test_cells_cross_fold_thresholds_and_resume(folder: Path, tmp_path: Path) ->
     study.run()
 
     cells = sorted(p.name for p in study.cells_dir.glob("*.json"))
-    assert len(cells) == 3 * (
-        1 + 3 * 2
-    )  # per fold: cva + {ours, ours-distance, siamese} x {1, all}
+    assert len(cells) == 3 * (1 + 4 * 2)  # per fold: cva + 4 methods x {1, all}
     cell = json.loads((study.cells_dir / "p1_ours_1_s0.json").read_text())
     assert cell["n_positives"] == 1 and cell["fold"] == "p1"
     assert sum(cell["hist"]["positive"]) + sum(cell["hist"]["negative"]) == 96 * 96
@@ -134,6 +133,8 @@ def test_cells_cross_fold_thresholds_and_resume(folder: Path, tmp_path: Path) ->
         work,
         progress=False,
     )
+    untrained = json.loads((study.cells_dir / "p1_ours-no-labels_1_s0.json").read_text())
+    assert "train.finetune_lr=0" in untrained["command"]
     assert other.digest != study.digest and other.cells_dir != study.cells_dir
     assert study.name == "study-aerial-rgb_" + study.digest  # its extra overrides: its own name
     with pytest.raises(FileExistsError, match="another protocol"):

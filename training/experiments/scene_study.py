@@ -49,6 +49,14 @@ METHOD_OVERRIDES: dict[str, tuple[str, ...]] = {
         "train.finetune_steps=300",
         "train.finetune_steps_per_epoch=300",
     ),
+    # the same head untrained (learning rate 0): no label is used, whatever the budget says
+    "ours-no-labels": (
+        "model.classifier=distance",
+        "train.encoder_lr_scale=0",
+        "train.finetune_lr=0",
+        "train.finetune_steps=1",
+        "train.finetune_steps_per_epoch=1",
+    ),
     "siamese": ("train.from_scratch=true",),
 }
 METHODS = tuple(METHOD_OVERRIDES)
