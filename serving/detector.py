@@ -38,7 +38,7 @@ class Detection:
     metadata: ModelMetadata
     stride: int
     threshold: float
-    tiles: list[tiling.Tile]
+    lattice: tiling.Lattice  # the tiles, row-major
     tile_probabilities: np.ndarray  # (N,)
     probability: np.ndarray  # (H, W) float32
     mask: np.ndarray  # (H, W) bool
@@ -69,11 +69,10 @@ class ChangeDetectionCore:
             raise InvalidInput(f"threshold must be in [0, 1], got {threshold}")
 
         h, w = req.before.shape[:2]
+        grid = tiling.lattice(h, w, meta.patch_size, stride)
         # the queue's bound, checked before tiling: the patches of a few-KB PNG at stride 1 are
         # gigabytes, which submit() would refuse only after they had been cut out
-        count = len(tiling.axis_origins(h, meta.patch_size, stride)) * len(
-            tiling.axis_origins(w, meta.patch_size, stride)
-        )
+        count = len(grid)
         if count > served.batcher.max_queue_size:
             raise InvalidInput(
                 f"the pair needs {count} patches at stride {stride}, more than the queue holds "
@@ -81,7 +80,6 @@ class ChangeDetectionCore:
                 "streaming/batch scoring path"
             )
         served.batcher.check_room(count)  # a full queue refuses before any tiling work
-        tiles = tiling.grid(h, w, meta.patch_size, stride)
         before, after = tiling.extract_grid(req.before, req.after, meta.patch_size, stride)
         t_tiled = time.perf_counter()
         remaining = None if req.deadline is None else max(0.0, req.deadline - time.monotonic())
@@ -89,7 +87,7 @@ class ChangeDetectionCore:
         probs = job.result(timeout=remaining)
         t_scored = time.perf_counter()
 
-        prob_map = tiling.stitch(probs, tiles, h, w, meta.patch_size)
+        prob_map = grid.stitch(probs, h, w)
         mask = prob_map >= threshold
         regions = (
             find_regions(mask, prob_map, req.min_region_area_px) if "regions" in req.outputs else []
@@ -103,7 +101,7 @@ class ChangeDetectionCore:
             "stitch_ms": (t_tiled - t_start + t_end - t_scored) * 1e3,
             "total_ms": decode_ms + (t_end - t_start) * 1e3,
         }
-        return Detection(meta, stride, threshold, tiles, probs, prob_map, mask, regions, timings)
+        return Detection(meta, stride, threshold, grid, probs, prob_map, mask, regions, timings)
 
 
 def check_compatible(before: np.ndarray, after: np.ndarray, meta: ModelMetadata) -> None:

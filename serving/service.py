@@ -14,7 +14,6 @@ from typing import Any
 import grpc
 import numpy as np
 
-from serving import tiling
 from serving.api import change_detection_pb2 as pb
 from serving.api import change_detection_pb2_grpc as pb_grpc
 from serving.config import ServerSettings
@@ -309,7 +308,7 @@ def to_response(
         timings=pb.Timings(**d.timings_ms),
     )
     if "tiles" in outputs:  # 1,225 records for a 256x256 pair: the plainest loop is the fastest
-        rows, cols, heights, widths = tiling.clipped_boxes(d.tiles, h, w)
+        rows, cols, heights, widths = d.lattice.boxes(h, w)
         add = resp.tiles.add
         for r, c, th, tw, p in zip(
             rows, cols, heights, widths, d.tile_probabilities.tolist(), strict=True

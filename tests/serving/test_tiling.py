@@ -439,8 +439,12 @@ def test_extract_grid_is_extract_patches_of_the_whole_grid(
 
 
 @pytest.mark.parametrize(("h", "w", "patch", "stride"), [(256, 256, 32, 8), (10, 37, 16, 5)])
-def test_clipped_boxes_are_each_tiles_clipped_box(h: int, w: int, patch: int, stride: int) -> None:
+def test_lattice_is_the_grid(h: int, w: int, patch: int, stride: int) -> None:
     tiles = tiling.grid(h, w, patch, stride)
-    columns = tiling.clipped_boxes(tiles, h, w)
+    lat = tiling.lattice(h, w, patch, stride)
+    assert lat.tiles == tiles and len(lat) == len(tiles)
+    columns = lat.boxes(h, w)
     assert list(zip(*columns, strict=True)) == [t.clipped(h, w) for t in tiles]
     assert all(isinstance(v, int) for v in columns[0])
+    p = np.random.default_rng(1).random(len(tiles)).astype(np.float32)
+    assert np.array_equal(lat.stitch(p, h, w), tiling.stitch(p, tiles, h, w, patch))
