@@ -280,8 +280,12 @@ class DynamicBatcher:
                 if job.first_batch_at is None:
                     job.first_batch_at = now
                     self._notify(self.on_queued, now - job.enqueued)
-            before = np.concatenate([j.before[a:b] for j, a, b in slices])
-            after = np.concatenate([j.after[a:b] for j, a, b in slices])
+            if len(slices) == 1:  # one request's patches: a contiguous view, no copy
+                job, a, b = slices[0]
+                before, after = job.before[a:b], job.after[a:b]
+            else:
+                before = np.concatenate([j.before[a:b] for j, a, b in slices])
+                after = np.concatenate([j.after[a:b] for j, a, b in slices])
             t0 = time.perf_counter()
             try:
                 out = np.asarray(infer(before, after), dtype=np.float32).reshape(-1)
