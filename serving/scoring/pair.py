@@ -15,6 +15,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -275,31 +276,37 @@ def _score_pair(
             "software": f"rarechange {__version__}",
         }
         float_map = options.probability_dtype == "float32"
-        prob_path = write_cog(
-            out / "change_probability.tif",
-            grid,
-            plan,
-            probability,
-            "float32" if float_map else "uint8",
-            PROBABILITY_NODATA if float_map else UINT8_NODATA,
-            "average",
-            tags=tags,
-            scale=None if float_map else 1.0 / UINT8_SCALE,
-            description="change probability",
-            work=partial,
-        )
-        mask_path = write_cog(
-            out / "change_mask.tif",
-            grid,
-            plan,
-            mask,
-            "uint8",
-            UINT8_NODATA,
-            "nearest",
-            tags=tags,
-            description="change mask (1 = change)",
-            work=partial,
-        )
+        # the two COGs share nothing but the read-only block store: written side by side, GDAL
+        # compressing each on its own core (the mask's counters are only touched by its thread)
+        with ThreadPoolExecutor(2, thread_name_prefix="cog") as writers:
+            prob_job = writers.submit(
+                write_cog,
+                out / "change_probability.tif",
+                grid,
+                plan,
+                probability,
+                "float32" if float_map else "uint8",
+                PROBABILITY_NODATA if float_map else UINT8_NODATA,
+                "average",
+                tags=tags,
+                scale=None if float_map else 1.0 / UINT8_SCALE,
+                description="change probability",
+                work=partial,
+            )
+            mask_job = writers.submit(
+                write_cog,
+                out / "change_mask.tif",
+                grid,
+                plan,
+                mask,
+                "uint8",
+                UINT8_NODATA,
+                "nearest",
+                tags=tags,
+                description="change mask (1 = change)",
+                work=partial,
+            )
+            prob_path, mask_path = prob_job.result(), mask_job.result()
         write_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
