@@ -42,7 +42,7 @@ from serving.scoring.outputs import (
     write_json_atomic,
     writing,
 )
-from serving.scoring.polygons import PolygonOptions, write_geojson
+from serving.scoring.polygons import PolygonOptions, metres_per_unit, write_geojson
 from serving.scoring.quicklook import Canvas, write_quicklook
 from serving.scoring.rasters import PairError, RasterPair, UsageProblem, file_sha256
 
@@ -388,9 +388,7 @@ class _PixelArea:
         t = grid.transform
         self.grid = grid
         self.geographic = grid.crs is not None and grid.crs.is_geographic
-        unit = 1.0
-        if grid.crs is not None and not self.geographic and grid.crs.linear_units_factor:
-            unit = float(grid.crs.linear_units_factor[1])
+        unit = 1.0 if self.geographic else metres_per_unit(grid.crs)
         self.pixel_m2 = abs(t.a * t.e - t.b * t.d) * unit * unit
 
     def of(self, block: blk.Block, changed: np.ndarray) -> float:

@@ -46,7 +46,7 @@ def write_geojson(
         open(tmp, "w") as out,
     ):
         crs = mask_ds.crs
-        to_m = _metres_per_unit(crs)
+        to_m = metres_per_unit(crs)
         out_crs = WGS84 if options.wgs84 and crs is not None else crs
         header: dict[str, Any] = {"type": "FeatureCollection"}
         if out_crs is not None and out_crs != WGS84:
@@ -127,7 +127,7 @@ def _zonal(prob_ds: Any, pixel_poly: Any) -> tuple[float, float, int]:
     return float(chosen.max()), float(chosen.mean()), len(chosen)
 
 
-def _metres_per_unit(crs: CRS | None) -> float:
+def metres_per_unit(crs: CRS | None) -> float:
     """Metres per CRS unit for projected CRSs; for geographic ones, metres per degree (used only
     to scale a --simplify tolerance); 1 for rasters without a CRS (pixels)."""
     if crs is None:
