@@ -195,7 +195,6 @@ def write_cog(
                 BLOCKSIZE=COG_BLOCK,
                 OVERVIEWS="FORCE_USE_EXISTING",
                 BIGTIFF="IF_SAFER",
-                NUM_THREADS="ALL_CPUS",  # DEFLATE on every core: writing is serial otherwise
             )
             check_complete(final_tmp, read=True)
     except BaseException:
@@ -251,7 +250,6 @@ def _staging_profile(
         "compress": "deflate",
         "zlevel": 1,  # read back once: speed over size
         "BIGTIFF": "IF_SAFER",
-        "num_threads": "all_cpus",
     }
 
 
