@@ -8,6 +8,7 @@ their behaviour does (:meth:`HandlerInterceptor.wrap`).
 
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable
 from typing import Any
 
@@ -70,8 +71,8 @@ class HandlerInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler | None:
         return self.wrap(continuation(handler_call_details), handler_call_details)
 
+    @abc.abstractmethod
     def wrap(
         self, handler: grpc.RpcMethodHandler | None, details: grpc.HandlerCallDetails
     ) -> grpc.RpcMethodHandler | None:
         """The handler to use for this call: ``handler`` itself, or one made by :func:`rebuilt`."""
-        raise NotImplementedError
