@@ -14,6 +14,7 @@ import errno
 import json
 import os
 import shutil
+import threading
 from collections.abc import Callable, Iterable, Iterator
 from html import escape
 from pathlib import Path
@@ -88,6 +89,9 @@ def _causes(exc: BaseException) -> Iterator[BaseException]:
         yield exc
 
 
+_NPY_HEADER_LOCK = threading.Lock()
+
+
 class BlockStore:
     """``folder/<index>.npy``: the float32 probability of one finished block, NaN = nodata."""
 
@@ -117,7 +121,11 @@ class BlockStore:
         os.replace(tmp, final)
 
     def load(self, index: int) -> np.ndarray:
-        return np.load(self.path(index))
+        # np.load parses the header with ast.literal_eval, and CPython 3.11's AST builder keeps
+        # its recursion depth in state shared by all threads: two COG writer threads parsing at
+        # once fail with "SystemError: AST constructor recursion depth mismatch" (gh-106905)
+        with _NPY_HEADER_LOCK:
+            return np.load(self.path(index))
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
