@@ -10,7 +10,9 @@ not scored: they cannot change a valid pixel's value.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import itertools
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -98,6 +100,119 @@ def pad(image: np.ndarray, tiles: BlockTiles) -> np.ndarray:
     return np.pad(image, widths, mode="symmetric")
 
 
+class BlockJob:
+    """One block's scene tiles, cut into chunks of patches for the batcher, and its probability
+    map stitched once every chunk is back. ``before``/``after`` (h', w', C) and ``valid``
+    (h', w') are the window ``tiles.read``."""
+
+    def __init__(
+        self,
+        block: Block,
+        before: np.ndarray,
+        after: np.ndarray,
+        valid: np.ndarray,
+        tiles: BlockTiles,
+        patch: int,
+        stride: int,
+    ) -> None:
+        self.block, self.valid, self.tiles = block, valid, tiles
+        self.patch, self.stride = patch, stride
+        self.n_cols = len(tiles.cols)
+        self.prob = np.zeros((len(tiles.rows), self.n_cols), np.float32)
+        self.index = np.flatnonzero(_tiles_touching_valid(valid, tiles, patch))
+        # each plane's tiles as a (n_rows, n_cols, C, P, P) view: tile origins are a lattice of
+        # the stride, so a run of tiles along a row is a basic slice, copied in one call (a
+        # fancy-index gather of the same patches costs about four times as much)
+        self.lattices: list[np.ndarray] = []
+        if len(self.index):
+            top, _, left, _ = tiles.pad
+            r0 = int(tiles.rows[0]) - (tiles.read.row_off - top)
+            c0 = int(tiles.cols[0]) - (tiles.read.col_off - left)
+            n_r = len(tiles.rows)
+            for img in (before, after):
+                plane = np.ascontiguousarray(pad(img, tiles).transpose(2, 0, 1))
+                windows = sliding_window_view(plane, (patch, patch), axis=(1, 2)).transpose(
+                    1, 2, 0, 3, 4
+                )
+                self.lattices.append(
+                    windows[
+                        r0 : r0 + (n_r - 1) * stride + 1 : stride,
+                        c0 : c0 + (self.n_cols - 1) * stride + 1 : stride,
+                    ]
+                )
+
+    @property
+    def patches(self) -> int:
+        return len(self.index)
+
+    def chunks(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(tile indices, before (n, C, P, P), after): each chunk cut only when asked for."""
+        for start in range(0, len(self.index), size):
+            part = self.index[start : start + size]
+            rows, cols = part // self.n_cols, part % self.n_cols
+            # runs of consecutive tiles on one row (tiles without valid pixels break runs)
+            cuts = np.flatnonzero((np.diff(part) != 1) | (np.diff(rows) != 0)) + 1
+            bounds = [0, *cuts.tolist(), len(part)]
+            out = []
+            for lattice in self.lattices:
+                buf = np.empty((len(part), *lattice.shape[2:]), lattice.dtype)
+                for i, j in itertools.pairwise(bounds):
+                    c = cols[i]
+                    np.copyto(buf[i:j], lattice[rows[i], c : c + j - i])
+                out.append(buf)
+            yield part, out[0], out[1]
+
+    def fill(self, part: np.ndarray, probabilities: np.ndarray) -> None:
+        self.prob.reshape(-1)[part] = probabilities
+
+    def finish(self) -> np.ndarray:
+        """The block's (h, w) float32 probability, NaN where invalid."""
+        block, tiles = self.block, self.tiles
+        region = (block.row, block.col, block.height, block.width)
+        out = tiling.stitch_region(
+            self.prob, tiles.rows, tiles.cols, region, self.patch, self.stride
+        )
+        r, c = block.row - tiles.read.row_off, block.col - tiles.read.col_off
+        out[~self.valid[r : r + block.height, c : c + block.width]] = np.nan
+        self.lattices = []  # the block's pixels are no longer needed
+        return out
+
+
+def score_blocks(
+    jobs: Iterable[BlockJob], submit: Submit, chunk: int = 4096, in_flight: int = 2
+) -> Iterator[tuple[BlockJob, np.ndarray]]:
+    """(job, probability map) for each job, in order, as soon as its last chunk is back.
+
+    At most ``in_flight`` chunks are with the batcher, across block boundaries: the next
+    block is read (``jobs`` is pulled lazily) and cut while the last chunks of the previous one
+    are scored, and a finished block is stitched, and handed to the caller to save, while the
+    next block's first chunks are scored, so the model never waits for Python between blocks."""
+    if in_flight < 1:
+        raise ValueError(f"in_flight must be >= 1, got {in_flight}")
+    # (job, chunk indices, waiter); indices None marks the end of the job's chunks
+    pending: deque[tuple[BlockJob, np.ndarray | None, Callable[[], np.ndarray] | None]] = deque()
+    busy = 0
+
+    def settle(keep: int) -> Iterator[tuple[BlockJob, np.ndarray]]:
+        nonlocal busy
+        while pending and (busy > keep or pending[0][1] is None):
+            job, part, waiter = pending.popleft()
+            if part is None or waiter is None:
+                yield job, job.finish()
+            else:
+                job.fill(part, waiter())
+                busy -= 1
+
+    for job in jobs:
+        for part, before, after in job.chunks(chunk):
+            pending.append((job, part, submit(before, after)))
+            busy += 1
+            yield from settle(in_flight - 1)
+        pending.append((job, None, None))
+        yield from settle(in_flight - 1)
+    yield from settle(0)
+
+
 def score_block(
     block: Block,
     before: np.ndarray,
@@ -109,56 +224,10 @@ def score_block(
     submit: Submit,
     chunk: int = 4096,
 ) -> tuple[np.ndarray, int]:
-    """(probability (h, w) float32 with NaN where invalid, patches scored) for one block.
-
-    ``before``/``after`` (h', w', C) and ``valid`` (h', w') are the window ``tiles.read``."""
-    n_r, n_c = len(tiles.rows), len(tiles.cols)
-    prob = np.zeros((n_r, n_c), np.float32)
-    needed = _tiles_touching_valid(valid, tiles, patch)
-    index = np.flatnonzero(needed)
-    if len(index):
-        planes = [pad(img, tiles).transpose(2, 0, 1) for img in (before, after)]
-        # every P x P window as a view, then gathers of the tile origins (local coordinates)
-        views = [
-            sliding_window_view(np.ascontiguousarray(p), (patch, patch), axis=(1, 2)).transpose(
-                1, 2, 0, 3, 4
-            )
-            for p in planes
-        ]
-        top, _, left, _ = tiles.pad
-        local_r = (tiles.rows - (tiles.read.row_off - top)).astype(np.intp)
-        local_c = (tiles.cols - (tiles.read.col_off - left)).astype(np.intp)
-        flat = prob.reshape(-1)
-        for part, waiter in _pipelined(index, chunk, views, local_r, local_c, n_c, submit):
-            flat[part] = waiter()
-    region = (block.row, block.col, block.height, block.width)
-    out = tiling.stitch_region(prob, tiles.rows, tiles.cols, region, patch, stride)
-    r, c = block.row - tiles.read.row_off, block.col - tiles.read.col_off
-    inside = valid[r : r + block.height, c : c + block.width]
-    out[~inside] = np.nan
-    return out, len(index)
-
-
-def _pipelined(
-    index: np.ndarray,
-    chunk: int,
-    views: list[np.ndarray],
-    local_r: np.ndarray,
-    local_c: np.ndarray,
-    n_c: int,
-    submit: Submit,
-) -> Iterator[tuple[np.ndarray, Callable[[], np.ndarray]]]:
-    """Cut chunk k+1 while chunk k is scored: two chunks in flight at most."""
-    pending: tuple[np.ndarray, Callable[[], np.ndarray]] | None = None
-    for start in range(0, len(index), chunk):
-        part = index[start : start + chunk]
-        rr, cc = local_r[part // n_c], local_c[part % n_c]
-        waiter = submit(views[0][rr, cc], views[1][rr, cc])
-        if pending is not None:
-            yield pending
-        pending = (part, waiter)
-    if pending is not None:
-        yield pending
+    """(probability (h, w) float32 with NaN where invalid, patches scored) for one block."""
+    job = BlockJob(block, before, after, valid, tiles, patch, stride)
+    ((_, prob),) = score_blocks([job], submit, chunk)
+    return prob, job.patches
 
 
 def _tiles_touching_valid(valid: np.ndarray, tiles: BlockTiles, patch: int) -> np.ndarray:

@@ -14,7 +14,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -240,16 +240,18 @@ def _score_pair(
             desc=f"scoring {before.name}",
             disable=not progress,
         ) as bar:
-            for block in todo:
-                tiles = blk.tiles_for(block, grid.height, grid.width, meta.patch_size, stride)
-                b_img, a_img, valid = pair.read(tiles.read)
-                canvas.add(block, (tiles.read.row_off, tiles.read.col_off), b_img, a_img, valid)
-                prob, n = blk.score_block(
-                    block, b_img, a_img, valid, tiles, meta.patch_size, stride, scorer.submit
-                )
-                store.save(block.index, prob)
-                patches += n
-                bar.update(block.height * block.width)
+
+            def jobs() -> Iterator[blk.BlockJob]:
+                for block in todo:  # read lazily: while the previous block is being scored
+                    tiles = blk.tiles_for(block, grid.height, grid.width, meta.patch_size, stride)
+                    b_img, a_img, valid = pair.read(tiles.read)
+                    canvas.add(block, (tiles.read.row_off, tiles.read.col_off), b_img, a_img, valid)
+                    yield blk.BlockJob(block, b_img, a_img, valid, tiles, meta.patch_size, stride)
+
+            for job, prob in blk.score_blocks(jobs(), scorer.submit):
+                store.save(job.block.index, prob)
+                patches += job.patches
+                bar.update(job.block.height * job.block.width)
         score_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()

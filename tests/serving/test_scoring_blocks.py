@@ -18,13 +18,21 @@ tile of a random scene gets its own value and a misplaced tile shows up in the m
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
 
 from serving import tiling
-from serving.scoring.blocks import Block, pad, plan, score_block, tiles_for
+from serving.scoring.blocks import (
+    Block,
+    BlockJob,
+    pad,
+    plan,
+    score_block,
+    score_blocks,
+    tiles_for,
+)
 
 
 class FakeScorer:
@@ -274,3 +282,76 @@ def test_block_without_valid_pixels_scores_nothing() -> None:
     )
     assert n == 0 and not scorer.calls
     assert prob.shape == (40, 40) and np.isnan(prob).all()
+
+
+class LazyScorer(FakeScorer):
+    """Waiters that score only when waited on; records how many chunks were out at each submit."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.out, self.most_out, self.log = 0, 0, []
+
+    def submit(self, before: np.ndarray, after: np.ndarray) -> Callable[[], np.ndarray]:
+        self.calls.append((before.copy(), after.copy()))
+        self.out += 1
+        self.most_out = max(self.most_out, self.out)
+        self.log.append("submit")
+        b, a = before.copy(), after.copy()
+
+        def wait() -> np.ndarray:
+            self.out -= 1
+            self.log.append("wait")
+            return self.probabilities(b, a)
+
+        return wait
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_score_blocks_pipelines_across_blocks_with_the_same_maps(in_flight: int) -> None:
+    h, w, patch, stride, size = 97, 83, 16, 4, 40
+    before, after = scene(h, w, seed=5)
+    valid = np.ones((h, w), bool)
+    valid[:62, :62] = False  # the first block scores nothing: it must still come out, in order
+    blocks = plan(h, w, size)
+    pulled: list[int] = []
+
+    def jobs() -> Iterator[BlockJob]:
+        for b in blocks:
+            pulled.append(b.index)
+            t = tiles_for(b, h, w, patch, stride)
+            rows, cols = t.read.toslices()
+            yield BlockJob(
+                b, before[rows, cols], after[rows, cols], valid[rows, cols], t, patch, stride
+            )
+
+    scorer = LazyScorer()
+    done, empty = [], []
+    for job, prob in score_blocks(jobs(), scorer.submit, chunk=50, in_flight=in_flight):
+        done.append(job.block.index)
+        if job.patches == 0:
+            empty.append(job.block.index)
+        if in_flight > 1 and job.patches and job.block.index < len(blocks) - 1:
+            # the next block was read and its first chunk submitted before this one came out
+            # (a block with nothing to score comes out at once)
+            assert pulled[-1] > job.block.index
+        b = job.block
+        t = tiles_for(b, h, w, patch, stride)
+        rows, cols = t.read.toslices()
+        alone, n = score_block(
+            b,
+            before[rows, cols],
+            after[rows, cols],
+            valid[rows, cols],
+            t,
+            patch,
+            stride,
+            FakeScorer().submit,
+            chunk=50,
+        )
+        assert n == job.patches
+        np.testing.assert_array_equal(prob, alone)
+    assert done == [b.index for b in blocks]
+    assert empty == [0]
+    assert scorer.most_out == in_flight and scorer.out == 0
+    with pytest.raises(ValueError, match="in_flight"):
+        list(score_blocks(jobs(), scorer.submit, in_flight=0))

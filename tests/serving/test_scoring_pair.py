@@ -935,7 +935,9 @@ def test_resume_after_an_interruption_gives_the_same_pixels(
     out = tmp_path / "out"
     with pytest.raises(Interrupted):
         score(StopAfter(scorer, 9), b, a, out)
-    assert len(finished_blocks(out)) == 9
+    # the tenth block's chunk is submitted before the ninth's result is collected (blocks are
+    # pipelined): the interruption leaves eight finished
+    assert len(finished_blocks(out)) == 8
     assert not (out / "summary.json").exists()
     assert not (out / "change_probability.tif").exists()
     done = len(finished_blocks(out))
