@@ -85,8 +85,9 @@ def child(args: argparse.Namespace) -> None:
     from serving.config import ServerSettings
     from serving.scoring.pair import ModelScorer, ScoreOptions, score_pair
 
+    # warmed up as `rarechange score` does when it loads the model (the backend alone, too)
     settings = ServerSettings(
-        models_dir=ROOT / "models", metrics_port=-1, warmup=False, intra_op_threads=args.threads
+        models_dir=ROOT / "models", metrics_port=-1, warmup=True, intra_op_threads=args.threads
     )
     if args.child == "backend":
         print(json.dumps(backend_alone(settings, args.patches, args.seconds)))

@@ -206,7 +206,7 @@ def score(
         raise click.UsageError(str(exc)) from exc
     extra: dict[str, Any] = {"models_dir": models_dir} if models_dir is not None else {}
     settings = ServerSettings(
-        metrics_port=-1, warmup=False, intra_op_threads=threads, default_model=model, **extra
+        metrics_port=-1, intra_op_threads=threads, default_model=model, **extra
     )
 
     if manifest is not None:

@@ -83,6 +83,9 @@ class ModelScorer:
         self.repository = ModelRepository.load(settings)
         try:
             self.served = self.repository.get(model)
+            if settings.warmup:  # first batches allocate and tune: a cost of loading, not of a pair
+                m = self.served.metadata
+                self.served.batcher.warm_up((m.channels, m.patch_size, m.patch_size), m.input_dtype)
             self.repository.start()
         except BaseException:
             self.repository.stop()

@@ -99,3 +99,38 @@ def test_mask_overview_keeps_zero_one_nodata(tmp_path: Path) -> None:
     with rasterio.open(path, overview_level=0) as ov:
         values = set(np.unique(ov.read(1)).tolist())
     assert values == {0, 1, 255}
+
+
+@pytest.mark.parametrize(("dtype", "resampling"), [("float32", "average"), ("uint8", "nearest")])
+def test_levels_halved_from_blocks_equal_levels_read_back(
+    tmp_path: Path, dtype: str, resampling: str
+) -> None:
+    """Overview levels made from each block in memory (as many as the block size allows) are
+    the levels made from the level below: block sizes aligned to 0, 2 and all levels give the
+    same COG, pixel for pixel, on a scene whose sides halve to odd sizes."""
+    h, w = 2100, 1150  # 1050 x 575, 525 x 288, 263 x 144
+    rng = np.random.default_rng(3)
+    prob = rng.random((h, w)).astype(np.float32)
+    prob[500:1333, 77:300] = np.nan
+    grid = Grid(CRS.from_epsg(32633), Affine(1.0, 0, 400_000.0, 0, -1.0, 5_000_000.0), h, w)
+
+    def pixels(b):  # type: ignore[no-untyped-def]
+        p = prob[b.row : b.row + b.height, b.col : b.col + b.width]
+        return probability_pixels(p, dtype) if resampling == "average" else mask_pixels(p, 0.5)
+
+    nodata = PROBABILITY_NODATA if dtype == "float32" else UINT8_NODATA
+    read = {}
+    for size in (333, 300, 1024):  # 0, 2 and every level from the blocks
+        path = write_cog(
+            tmp_path / f"{size}.tif", grid, plan(h, w, size), pixels, dtype, nodata, resampling
+        )
+        with rasterio.open(path) as ds:
+            n = len(ds.overviews(1))
+        read[size] = []
+        for level in range(n):
+            with rasterio.open(path, overview_level=level) as ov:
+                read[size].append(ov.read(1))
+    assert len(read[1024]) == 3
+    for size in (333, 300):
+        for a, b in zip(read[size], read[1024], strict=True):
+            assert np.array_equal(a, b)

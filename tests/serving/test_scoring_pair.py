@@ -34,6 +34,7 @@ Covered:
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -1138,3 +1139,16 @@ def test_shade_single_band_web_mercator(
     )
     with Image.open(out / "quicklook.png") as im:
         assert im.size == (3 * 512 + 12, 512)
+
+
+def test_the_scorer_warms_its_model_up_when_it_loads(caplog: pytest.LogCaptureFixture) -> None:
+    """The first batches of a session allocate and tune: a cost of loading the model (paid
+    once per worker), not of the first pair."""
+    for warm in (True, False):
+        caplog.clear()
+        with (
+            caplog.at_level(logging.INFO, logger="serving.batcher"),
+            ModelScorer(SETTINGS.model_copy(update={"warmup": warm}), MODEL),
+        ):
+            pass
+        assert any("warmed up" in r.getMessage() for r in caplog.records) == warm
