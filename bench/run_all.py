@@ -49,7 +49,7 @@ SCRIPTS: list[tuple[str, str, list[str], list[str]]] = [
         "score_geotiff",
         "Batch scoring of GeoTIFF pairs: Mpx/s vs the backend alone, peak RSS by raster size",
         [],
-        ["--sizes", "512,1024", "--throughput-size", "512", "--seconds", "2"],
+        ["--sizes", "512,1024", "--throughput-size", "512", "--seconds", "2", "--rounds", "1"],
     ),
     ("gpu_providers", "GPU: TensorRT FP16 vs CUDA fp32 vs CPU", [], []),
 ]

@@ -130,10 +130,8 @@ class BlockJob:
             c0 = int(tiles.cols[0]) - (tiles.read.col_off - left)
             n_r = len(tiles.rows)
             for img in (before, after):
-                plane = np.ascontiguousarray(pad(img, tiles).transpose(2, 0, 1))
-                windows = sliding_window_view(plane, (patch, patch), axis=(1, 2)).transpose(
-                    1, 2, 0, 3, 4
-                )
+                # (h', w', C) as read: the window axes come last, (H', W', C, P, P)
+                windows = sliding_window_view(pad(img, tiles), (patch, patch), axis=(0, 1))
                 self.lattices.append(
                     windows[
                         r0 : r0 + (n_r - 1) * stride + 1 : stride,

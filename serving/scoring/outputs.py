@@ -170,71 +170,133 @@ def write_cog(
     description: str = "",
     work: Path | None = None,
 ) -> Path:
-    """Assemble ``pixels(block)`` for every block into a COG at ``path`` (atomic).
-
-    The overview levels are made here, each halving the previous one window by window, and
-    handed to GDAL's COG driver through a VRT that lists them: GDAL's own overview pass works
-    on strips of the full raster width (32 MB at 16k float32) and its memory would grow with
-    the scene. ``resampling``: "average" (nodata-aware mean) or "nearest"."""
-    work = work or path.parent
-    work.mkdir(parents=True, exist_ok=True)
-    staged = work / f".{path.stem}.staging.tif"
-    final_tmp = path.with_name(f".{path.name}.tmp")
-    vrt = work / f".{path.stem}.staging.vrt"
-    shapes = [(grid.height, grid.width)]
-    while max(shapes[-1]) > COG_BLOCK:
-        shapes.append((-(-shapes[-1][0] // 2), -(-shapes[-1][1] // 2)))
-    levels = [staged] + [work / f".{path.stem}.staging.ov{2**k}.tif" for k in range(1, len(shapes))]
+    """Assemble ``pixels(block)`` for every block into a COG at ``path`` (atomic)."""
     blocks = list(blocks)
-    # levels whose 2 x 2 cells never straddle two blocks are halved from each block in memory as
-    # it is written; any further ones from the level below, read back window by window
-    direct = min([len(shapes) - 1, *(_aligned_levels(b, grid) for b in blocks)])
-    try:
-        with writing(path.parent):  # a full disk recognised before the clean-up gives space back
-            with contextlib.ExitStack() as files:
-                outs = [
-                    files.enter_context(
+    with CogWriter(
+        path, grid, blocks, dtype, nodata, resampling, tags, scale, description, work
+    ) as cog:
+        for block in blocks:
+            cog.add(block, pixels(block))
+        return cog.finish()
+
+
+class CogWriter:
+    """A COG at ``path`` assembled from blocks as they arrive, so that the staging rasters are
+    written while the scene is still being scored: ``add`` every block of ``blocks`` (in any
+    order, one thread at a time), then ``finish``. Leaving the ``with`` block unfinished, or any
+    failure, deletes every temporary; the COG appears at ``path`` only when complete.
+
+    The overview levels are made here and handed to GDAL's COG driver through a VRT that lists
+    them: GDAL's own overview pass works on strips of the full raster width (32 MB at 16k
+    float32) and its memory would grow with the scene. Levels whose 2 x 2 cells never straddle
+    two blocks are halved from each block in memory as it is added; any further ones from the
+    level below, window by window. ``resampling``: "average" (nodata-aware mean) or "nearest"."""
+
+    def __init__(
+        self,
+        path: Path,
+        grid: Grid,
+        blocks: Iterable[Block],
+        dtype: str,
+        nodata: float,
+        resampling: str,
+        tags: dict[str, str] | None = None,
+        scale: float | None = None,
+        description: str = "",
+        work: Path | None = None,
+    ) -> None:
+        self.path, self.grid, self.dtype, self.nodata = path, grid, dtype, nodata
+        self.resampling, self.tags, self.scale = resampling, tags or {}, scale
+        self.description = description
+        work = work or path.parent
+        work.mkdir(parents=True, exist_ok=True)
+        self.final_tmp = path.with_name(f".{path.name}.tmp")
+        self.vrt = work / f".{path.stem}.staging.vrt"
+        self.shapes = [(grid.height, grid.width)]
+        while max(self.shapes[-1]) > COG_BLOCK:
+            self.shapes.append((-(-self.shapes[-1][0] // 2), -(-self.shapes[-1][1] // 2)))
+        self.levels = [work / f".{path.stem}.staging.tif"] + [
+            work / f".{path.stem}.staging.ov{2**k}.tif" for k in range(1, len(self.shapes))
+        ]
+        self.direct = min([len(self.shapes) - 1, *(_aligned_levels(b, grid) for b in blocks)])
+        self._files = contextlib.ExitStack()
+        self._done = False
+        try:
+            with writing(path.parent):
+                self._outs = [
+                    self._files.enter_context(
                         rasterio.open(
-                            levels[k], "w", **_staging_profile(h, w, dtype, nodata, grid, 2**k)
+                            self.levels[k], "w", **_staging_profile(h, w, dtype, nodata, grid, 2**k)
                         )
                     )
-                    for k, (h, w) in enumerate(shapes[: direct + 1])
+                    for k, (h, w) in enumerate(self.shapes[: self.direct + 1])
                 ]
-                for block in blocks:
-                    data = pixels(block)
-                    outs[0].write(data, 1, window=block.window)
-                    for k in range(1, direct + 1):
-                        data = _halve_array(data, nodata, resampling).astype(dtype)
-                        window = Window(block.col >> k, block.row >> k, *data.shape[::-1])
-                        outs[k].write(data, 1, window=window)
-            for level in levels[: direct + 1]:
-                check_complete(level, read=False)
-            for k in range(direct + 1, len(shapes)):
-                _halve(levels[k - 1], levels[k], *shapes[k], dtype, nodata, resampling)
-                check_complete(levels[k], read=False)
-            vrt.write_text(_vrt(grid, dtype, nodata, levels, tags or {}, scale, description))
-            rasterio.shutil.copy(
-                vrt,
-                final_tmp,
-                driver="COG",
-                COMPRESS="DEFLATE",
-                PREDICTOR="YES" if dtype == "float32" else "NO",
-                BLOCKSIZE=COG_BLOCK,
-                OVERVIEWS="FORCE_USE_EXISTING",
-                BIGTIFF="IF_SAFER",
-            )
-            check_complete(final_tmp, read=True)
-    except BaseException:
-        # give back the space a failed write took (GDAL may also leave a file it could not
-        # finish: rasterio 1.4 does not raise for a write that fails when the file is closed)
-        for f in (vrt, final_tmp, *levels):
+        except BaseException:
+            self.abort()
+            raise
+
+    def add(self, block: Block, data: np.ndarray) -> None:
+        try:
+            with writing(self.path.parent):
+                self._outs[0].write(data, 1, window=block.window)
+                for k in range(1, self.direct + 1):
+                    data = _halve_array(data, self.nodata, self.resampling).astype(self.dtype)
+                    window = Window(block.col >> k, block.row >> k, *data.shape[::-1])
+                    self._outs[k].write(data, 1, window=window)
+        except BaseException:
+            self.abort()
+            raise
+
+    def finish(self) -> Path:
+        levels, dtype, nodata = self.levels, self.dtype, self.nodata
+        try:
+            with writing(self.path.parent):  # a full disk recognised before the clean-up
+                self._files.close()
+                for level in levels[: self.direct + 1]:
+                    check_complete(level, read=False)
+                for k in range(self.direct + 1, len(self.shapes)):
+                    _halve(
+                        levels[k - 1], levels[k], *self.shapes[k], dtype, nodata, self.resampling
+                    )
+                    check_complete(levels[k], read=False)
+                self.vrt.write_text(
+                    _vrt(self.grid, dtype, nodata, levels, self.tags, self.scale, self.description)
+                )
+                rasterio.shutil.copy(
+                    self.vrt,
+                    self.final_tmp,
+                    driver="COG",
+                    COMPRESS="DEFLATE",
+                    PREDICTOR="YES" if dtype == "float32" else "NO",
+                    BLOCKSIZE=COG_BLOCK,
+                    OVERVIEWS="FORCE_USE_EXISTING",
+                    BIGTIFF="IF_SAFER",
+                )
+                check_complete(self.final_tmp, read=True)
+        except BaseException:
+            self.abort()
+            raise
+        for f in (self.vrt, *levels):
+            f.unlink()
+        os.replace(self.final_tmp, self.path)
+        self._done = True
+        return self.path
+
+    def abort(self) -> None:
+        """Give back the space the temporaries took (GDAL may also leave a file it could not
+        finish: rasterio 1.4 does not raise for a write that fails when the file is closed)."""
+        with contextlib.suppress(Exception):
+            self._files.close()
+        for f in (self.vrt, self.final_tmp, *self.levels):
             with contextlib.suppress(OSError):
                 f.unlink(missing_ok=True)
-        raise
-    for f in (vrt, *levels):
-        f.unlink()
-    os.replace(final_tmp, path)
-    return path
+
+    def __enter__(self) -> CogWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if not self._done:
+            self.abort()
 
 
 def check_complete(path: Path, read: bool) -> None:

@@ -14,8 +14,9 @@ import json
 import logging
 import math
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,11 +35,11 @@ from serving.scoring.outputs import (
     UINT8_NODATA,
     UINT8_SCALE,
     BlockStore,
+    CogWriter,
     ProbabilityType,
     mask_pixels,
     probability_pixels,
     remove_tree,
-    write_cog,
     write_json_atomic,
     writing,
 )
@@ -233,16 +234,69 @@ def _score_pair(
         todo = [b for b in plan if not store.has(b.index)]
         canvas = Canvas(grid.height, grid.width, len(pair.bands_before))
         resumed = len(plan) - len(todo)
+        counts = {"valid": 0, "changed": 0}
+        area = _PixelArea(grid)
+        changed_m2 = [0.0]
+        tags = {
+            "model": f"{meta.name} {meta.version}",
+            "threshold": f"{threshold:.6g}",
+            "stride": str(stride),
+            "software": f"rarechange {__version__}",
+        }
+        float_map = options.probability_dtype == "float32"
+
+        def stage(block: blk.Block, prob: np.ndarray) -> None:
+            """A finished block into both COGs' staging rasters (on the staging thread only)."""
+            prob_cog.add(block, probability_pixels(prob, options.probability_dtype))
+            m = mask_pixels(prob, threshold)
+            counts["valid"] += int((~np.isnan(prob)).sum())
+            changed = m == 1
+            counts["changed"] += int(changed.sum())
+            changed_m2[0] += area.of(block, changed)
+            mask_cog.add(block, m)
+
         t0 = time.perf_counter()
         patches = 0
-        with tqdm(
-            total=grid.pixels,
-            initial=sum(b.height * b.width for b in plan if store.has(b.index)),
-            unit="px",
-            unit_scale=True,
-            desc=f"scoring {before.name}",
-            disable=not progress,
-        ) as bar:
+        # finished blocks are staged on a thread of their own while the next ones are scored
+        # (a core then shared with ONNX Runtime costs it less than the staging would take after
+        # the scoring); at most two blocks wait for it, so memory stays bounded
+        with (
+            CogWriter(
+                out / "change_probability.tif",
+                grid,
+                plan,
+                "float32" if float_map else "uint8",
+                PROBABILITY_NODATA if float_map else UINT8_NODATA,
+                "average",
+                tags=tags,
+                scale=None if float_map else 1.0 / UINT8_SCALE,
+                description="change probability",
+                work=partial,
+            ) as prob_cog,
+            CogWriter(
+                out / "change_mask.tif",
+                grid,
+                plan,
+                "uint8",
+                UINT8_NODATA,
+                "nearest",
+                tags=tags,
+                description="change mask (1 = change)",
+                work=partial,
+            ) as mask_cog,
+            tqdm(
+                total=grid.pixels,
+                initial=sum(b.height * b.width for b in plan if store.has(b.index)),
+                unit="px",
+                unit_scale=True,
+                desc=f"scoring {before.name}",
+                disable=not progress,
+            ) as bar,
+            _Staging(stage, waiting=2) as staging,
+        ):
+            for block in plan:  # blocks a previous attempt scored
+                if store.has(block.index):
+                    staging.put(block, store.load(block.index))
 
             def jobs() -> Iterator[blk.BlockJob]:
                 for block in todo:  # read lazily: while the previous block is being scored
@@ -253,65 +307,20 @@ def _score_pair(
 
             for job, prob in blk.score_blocks(jobs(), scorer.submit):
                 store.save(job.block.index, prob)
+                staging.put(job.block, prob)
                 patches += job.patches
                 bar.update(job.block.height * job.block.width)
-        score_s = time.perf_counter() - t0
+            staging.drain()
+            score_s = time.perf_counter() - t0
 
-        t0 = time.perf_counter()
-        counts = {"valid": 0, "changed": 0}
-        area = _PixelArea(grid)
-        changed_m2 = [0.0]
-
-        def probability(block: blk.Block) -> np.ndarray:
-            return probability_pixels(store.load(block.index), options.probability_dtype)
-
-        def mask(block: blk.Block) -> np.ndarray:
-            prob = store.load(block.index)
-            m = mask_pixels(prob, threshold)
-            counts["valid"] += int((~np.isnan(prob)).sum())
-            changed = m == 1
-            counts["changed"] += int(changed.sum())
-            changed_m2[0] += area.of(block, changed)
-            return m
-
-        tags = {
-            "model": f"{meta.name} {meta.version}",
-            "threshold": f"{threshold:.6g}",
-            "stride": str(stride),
-            "software": f"rarechange {__version__}",
-        }
-        float_map = options.probability_dtype == "float32"
-        # the two COGs share nothing but the read-only block store: written side by side, GDAL
-        # compressing each on its own core (the mask's counters are only touched by its thread)
-        with ThreadPoolExecutor(2, thread_name_prefix="cog") as writers:
-            prob_job = writers.submit(
-                write_cog,
-                out / "change_probability.tif",
-                grid,
-                plan,
-                probability,
-                "float32" if float_map else "uint8",
-                PROBABILITY_NODATA if float_map else UINT8_NODATA,
-                "average",
-                tags=tags,
-                scale=None if float_map else 1.0 / UINT8_SCALE,
-                description="change probability",
-                work=partial,
-            )
-            mask_job = writers.submit(
-                write_cog,
-                out / "change_mask.tif",
-                grid,
-                plan,
-                mask,
-                "uint8",
-                UINT8_NODATA,
-                "nearest",
-                tags=tags,
-                description="change mask (1 = change)",
-                work=partial,
-            )
-            prob_path, mask_path = prob_job.result(), mask_job.result()
+            t0 = time.perf_counter()
+            # the COG copies side by side, GDAL compressing each on its own core
+            with ThreadPoolExecutor(2, thread_name_prefix="cog") as writers:
+                prob_job, mask_job = (
+                    writers.submit(prob_cog.finish),
+                    writers.submit(mask_cog.finish),
+                )
+                prob_path, mask_path = prob_job.result(), mask_job.result()
         write_s = time.perf_counter() - t0
 
         t0 = time.perf_counter()
@@ -381,6 +390,33 @@ def _file_info(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PairError(f"no such file: {path}")
     return {"path": str(path), "bytes": path.stat().st_size, "sha256": file_sha256(path)}
+
+
+class _Staging:
+    """``put(block, prob)`` runs ``stage(block, prob)`` on one worker thread, in order; the
+    caller blocks once ``waiting`` blocks are queued, and the first failure is raised to it."""
+
+    def __init__(self, stage: Callable[[blk.Block, np.ndarray], None], waiting: int) -> None:
+        self.stage, self.waiting = stage, waiting
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="staging")
+        self.pending: deque[Future[None]] = deque()
+
+    def put(self, block: blk.Block, prob: np.ndarray) -> None:
+        self.pending.append(self.pool.submit(self.stage, block, prob))
+        while len(self.pending) > self.waiting:
+            self.pending.popleft().result()
+
+    def drain(self) -> None:
+        while self.pending:
+            self.pending.popleft().result()
+
+    def __enter__(self) -> _Staging:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for f in self.pending:  # on failure: nothing more is staged into files about to go
+            f.cancel()
+        self.pool.shutdown(wait=True)
 
 
 class _PixelArea:

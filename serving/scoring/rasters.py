@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.enums import ColorInterp, Resampling
+from rasterio.enums import ColorInterp, MaskFlags, Resampling
 from rasterio.vrt import WarpedVRT
 from rasterio.warp import transform_bounds
 from rasterio.windows import Window
@@ -204,6 +204,8 @@ class RasterPair:
         before, vb = self._read(self._before, self.bands_before, window)
         after, va = self._read(self._after, self.bands_after, window)
         valid = vb & va
+        if valid.all():
+            return before, after, valid
         only_b, only_a = vb & ~va, va & ~vb
         after[only_b] = before[only_b]
         before[only_a] = after[only_a]
@@ -216,7 +218,10 @@ class RasterPair:
         self, ds: Any, bands: tuple[int, ...], window: Window
     ) -> tuple[np.ndarray, np.ndarray]:
         data = ds.read(list(bands), window=window)  # (C, h, w), the file's dtype
-        valid = ds.read_masks(list(bands), window=window).min(axis=0) > 0
+        if all(ds.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands):
+            valid = np.ones(data.shape[1:], bool)  # no nodata, mask or alpha: nothing to read
+        else:
+            valid = ds.read_masks(list(bands), window=window).min(axis=0) > 0
         if np.issubdtype(data.dtype, np.floating):
             valid &= np.isfinite(data).all(axis=0)
         if self.rescale is not None:
