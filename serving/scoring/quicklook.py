@@ -48,8 +48,8 @@ class Canvas:
         # the scene pixel at the centre of each quicklook pixel
         self.rows = np.minimum(((np.arange(h) + 0.5) * height / h).astype(np.int64), height - 1)
         self.cols = np.minimum(((np.arange(w) + 0.5) * width / w).astype(np.int64), width - 1)
-        self.before = np.zeros((h, w, channels), np.float64)
-        self.after = np.zeros((h, w, channels), np.float64)
+        self.before = np.zeros((h, w, channels), np.float32)
+        self.after = np.zeros((h, w, channels), np.float32)
         self.valid = np.zeros((h, w), bool)
 
     def add(
