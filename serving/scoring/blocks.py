@@ -69,7 +69,7 @@ def tiles_for(block: Block, height: int, width: int, patch: int, stride: int) ->
     bottom, right = max(0, r1 - height), max(0, c1 - width)
     # the mirror past a border reads the scene's first (last) `pad` rows: read them too, or a
     # block narrower than its padding would mirror itself, not the scene (the window may then
-    # start before the first tile or end after the last: score_block offsets the tiles)
+    # start before the first tile or end after the last: BlockJob offsets the tiles)
     rr0, rr1 = _mirror_source(r0 + top, r1 - bottom, top, bottom, height)
     cc0, cc1 = _mirror_source(c0 + left, c1 - right, left, right, width)
     read = Window(cc0, rr0, cc1 - cc0, rr1 - rr0)
@@ -209,23 +209,6 @@ def score_blocks(
         pending.append((job, None, None))
         yield from settle(in_flight - 1)
     yield from settle(0)
-
-
-def score_block(
-    block: Block,
-    before: np.ndarray,
-    after: np.ndarray,
-    valid: np.ndarray,
-    tiles: BlockTiles,
-    patch: int,
-    stride: int,
-    submit: Submit,
-    chunk: int = 4096,
-) -> tuple[np.ndarray, int]:
-    """(probability (h, w) float32 with NaN where invalid, patches scored) for one block."""
-    job = BlockJob(block, before, after, valid, tiles, patch, stride)
-    ((_, prob),) = score_blocks([job], submit, chunk)
-    return prob, job.patches
 
 
 def _tiles_touching_valid(valid: np.ndarray, tiles: BlockTiles, patch: int) -> np.ndarray:

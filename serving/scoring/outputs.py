@@ -162,19 +162,13 @@ def write_cog(
     grid: Grid,
     blocks: Iterable[Block],
     pixels: Callable[[Block], np.ndarray],
-    dtype: str,
-    nodata: float,
-    resampling: str,
-    tags: dict[str, str] | None = None,
-    scale: float | None = None,
-    description: str = "",
-    work: Path | None = None,
+    *args: Any,
+    **kwargs: Any,
 ) -> Path:
-    """Assemble ``pixels(block)`` for every block into a COG at ``path`` (atomic)."""
+    """Assemble ``pixels(block)`` for every block into a COG at ``path`` (atomic); the other
+    arguments are :class:`CogWriter`'s."""
     blocks = list(blocks)
-    with CogWriter(
-        path, grid, blocks, dtype, nodata, resampling, tags, scale, description, work
-    ) as cog:
+    with CogWriter(path, grid, blocks, *args, **kwargs) as cog:
         for block in blocks:
             cog.add(block, pixels(block))
         return cog.finish()

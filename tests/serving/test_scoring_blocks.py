@@ -3,7 +3,7 @@ tiled, scored and stitched at once, bit for bit.
 
 Covered: ``plan`` covers the scene once, row-major; ``tiles_for`` reads inside the scene and its
 padded window is the whole scene's padded image (also for blocks at a border narrower than the
-mirrored padding, which must mirror the scene, not the block); ``score_block`` over a plan ==
+mirrored padding, which must mirror the scene, not the block); blocks scored over a plan ==
 ``tiling.grid`` + ``extract_patches`` + ``stitch`` of the whole image (np.array_equal) for sizes
 that are not multiples of the block, patch or stride, scenes smaller than one patch, block ==
 patch, block smaller than the patch, stride == patch, strides that do not divide the patch, and
@@ -29,7 +29,6 @@ from serving.scoring.blocks import (
     BlockJob,
     pad,
     plan,
-    score_block,
     score_blocks,
     tiles_for,
 )
@@ -57,6 +56,28 @@ class FakeScorer:
     @property
     def patches(self) -> int:
         return sum(len(b) for b, _ in self.calls)
+
+
+def score_block(
+    block: Block,
+    before: np.ndarray,
+    after: np.ndarray,
+    valid: np.ndarray,
+    patch: int,
+    stride: int,
+    submit: Callable[[np.ndarray, np.ndarray], Callable[[], np.ndarray]],
+    chunk: int = 4096,
+) -> tuple[np.ndarray, int]:
+    """One block of a whole scene (``before``, ``after``, ``valid``) through ``BlockJob`` and
+    ``score_blocks``, reading only the window its tiles need: (probability, patches scored)."""
+    h, w = valid.shape
+    t = tiles_for(block, h, w, patch, stride)
+    rows, cols = t.read.toslices()
+    job = BlockJob(
+        block, before[rows, cols], after[rows, cols], valid[rows, cols], t, patch, stride
+    )
+    ((_, prob),) = score_blocks([job], submit, chunk)
+    return prob, job.patches
 
 
 def scene(height: int, width: int, seed: int = 0, channels: int = 3) -> tuple[np.ndarray, ...]:
@@ -91,19 +112,7 @@ def streamed(
     scorer = scorer or FakeScorer()
     out = np.full((h, w), -7.0, np.float32)  # a value no block writes: gaps would show
     for b in plan(h, w, block):
-        t = tiles_for(b, h, w, patch, stride)
-        rows, cols = t.read.toslices()
-        prob, _ = score_block(
-            b,
-            before[rows, cols],
-            after[rows, cols],
-            valid[rows, cols],
-            t,
-            patch,
-            stride,
-            scorer.submit,
-            chunk=chunk,
-        )
+        prob, _ = score_block(b, before, after, valid, patch, stride, scorer.submit, chunk=chunk)
         assert prob.shape == (b.height, b.width) and prob.dtype == np.float32
         out[b.row : b.row + b.height, b.col : b.col + b.width] = prob
     return out
@@ -254,8 +263,7 @@ def test_tiles_touching_no_valid_pixel_are_not_scored() -> None:
     b_ref, a_ref = tiling.extract_patches(before, after, needed, patch, stride)
     scorer = FakeScorer()
     block = Block(0, 0, 0, h, w)
-    t = tiles_for(block, h, w, patch, stride)
-    _, n = score_block(block, before, after, valid, t, patch, stride, scorer.submit)
+    _, n = score_block(block, before, after, valid, patch, stride, scorer.submit)
     assert n == len(needed) < len(tiles)
     assert np.array_equal(np.concatenate([b for b, _ in scorer.calls]), b_ref)
     assert np.array_equal(np.concatenate([a for _, a in scorer.calls]), a_ref)
@@ -268,18 +276,7 @@ def test_block_without_valid_pixels_scores_nothing() -> None:
     valid[:10, :10] = True
     scorer = FakeScorer()
     block = Block(0, 80, 80, 40, 40)  # far (> a patch) from every valid pixel
-    t = tiles_for(block, h, w, patch, stride)
-    rows, cols = t.read.toslices()
-    prob, n = score_block(
-        block,
-        before[rows, cols],
-        after[rows, cols],
-        valid[rows, cols],
-        t,
-        patch,
-        stride,
-        scorer.submit,
-    )
+    prob, n = score_block(block, before, after, valid, patch, stride, scorer.submit)
     assert n == 0 and not scorer.calls
     assert prob.shape == (40, 40) and np.isnan(prob).all()
 
@@ -334,19 +331,8 @@ def test_score_blocks_pipelines_across_blocks_with_the_same_maps(in_flight: int)
             # the next block was read and its first chunk submitted before this one came out
             # (a block with nothing to score comes out at once)
             assert pulled[-1] > job.block.index
-        b = job.block
-        t = tiles_for(b, h, w, patch, stride)
-        rows, cols = t.read.toslices()
         alone, n = score_block(
-            b,
-            before[rows, cols],
-            after[rows, cols],
-            valid[rows, cols],
-            t,
-            patch,
-            stride,
-            FakeScorer().submit,
-            chunk=50,
+            job.block, before, after, valid, patch, stride, FakeScorer().submit, chunk=50
         )
         assert n == job.patches
         np.testing.assert_array_equal(prob, alone)
