@@ -32,7 +32,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -44,7 +43,7 @@ import onnx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from onnx import numpy_helper
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import inflight
 
 from serving.api import change_detection_pb2 as pb
 from serving.api import change_detection_pb2_grpc as pb_grpc
@@ -127,17 +126,6 @@ def started(server: ServeProcess) -> ServeProcess:
     return server
 
 
-def inflight(metrics_url: str) -> float:
-    with urllib.request.urlopen(metrics_url, timeout=WAIT) as resp:
-        text = resp.read().decode()
-    return next(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "rarechange_inflight_requests"
-    )
-
-
 def only(model_dir: Path, root: Path) -> Path:
     """A models dir serving ``model_dir`` alone (the bundled one also holds variants)."""
     root.mkdir(parents=True, exist_ok=True)
@@ -203,7 +191,7 @@ def test_sigterm_under_load_loses_no_admitted_request(tmp_path: Path) -> None:
             t.start()
         # steady load: every client has had an answer, every handler thread is busy
         wait_for(lambda: len({c.client for c in calls}) == clients, "every client answered")
-        wait_for(lambda: inflight(server.metrics_url) >= 16, "every handler busy")
+        wait_for(lambda: inflight(server.metrics_url, WAIT) >= 16, "every handler busy")
         assert all(c.code == grpc.StatusCode.OK for c in calls), calls
         signalled_at = time.monotonic()
         server.proc.send_signal(signal.SIGTERM)

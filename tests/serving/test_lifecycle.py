@@ -13,7 +13,6 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -22,7 +21,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
+from scrape import inflight
 
 from serving.api import change_detection_pb2 as pb
 from serving.api import change_detection_pb2_grpc as pb_grpc
@@ -204,17 +203,6 @@ def test_a_call_made_while_draining_is_refused_unavailable(make_server) -> None:
     assert not stopper.is_alive() and server.gate.running == 0
 
 
-def _inflight(metrics_url: str) -> float:
-    with urllib.request.urlopen(metrics_url, timeout=WAIT) as resp:
-        text = resp.read().decode()
-    return next(
-        s.value
-        for family in text_string_to_metric_families(text)
-        for s in family.samples
-        if s.name == "rarechange_inflight_requests"
-    )
-
-
 @pytest.mark.slow
 def test_sigterm_lets_calls_in_flight_finish(tmp_path: Path, metadata: ModelMetadata) -> None:
     """8 calls of a 512x512 pair (thousands of patches each) in flight at SIGTERM all complete;
@@ -250,7 +238,7 @@ def test_sigterm_lets_calls_in_flight_finish(tmp_path: Path, metadata: ModelMeta
             with ChangeDetectionClient(address) as client, ThreadPoolExecutor(n) as pool:
                 calls = [pool.submit(client.detect, before, after, timeout=grace) for _ in range(n)]
                 give_up = time.monotonic() + WAIT
-                while _inflight(metrics_url) < n:
+                while inflight(metrics_url, WAIT) < n:
                     assert time.monotonic() < give_up, "the calls never were all in flight"
                     assert not any(c.done() for c in calls), [c.exception() for c in calls]
                     time.sleep(0.01)
