@@ -254,6 +254,7 @@ def _score_pair(
             counts["changed"] += int(changed.sum())
             changed_m2[0] += area.of(block, changed)
             mask_cog.add(block, m)
+            canvas.add_probability(block, prob)
 
         t0 = time.perf_counter()
         patches = 0
@@ -314,26 +315,31 @@ def _score_pair(
             score_s = time.perf_counter() - t0
 
             t0 = time.perf_counter()
-            # the COG copies side by side, GDAL compressing each on its own core
+            if options.quicklook:
+                scored = {b.index for b in todo}
+                for block in plan:  # blocks a previous attempt scored: read them for the picture
+                    if block.index not in scored:
+                        canvas.add(block, (block.row, block.col), *pair.read(block.window))
+            quicklook_s = [0.0]
+
+            def mask_then_quicklook() -> Path:
+                path = mask_cog.finish()
+                if options.quicklook:
+                    t = time.perf_counter()
+                    write_quicklook(out / "quicklook.png", canvas)
+                    quicklook_s[0] = time.perf_counter() - t
+                return path
+
+            # the probability COG's copy (the longest step left) beside the mask's and the picture
             with ThreadPoolExecutor(2, thread_name_prefix="cog") as writers:
-                prob_job, mask_job = (
-                    writers.submit(prob_cog.finish),
-                    writers.submit(mask_cog.finish),
-                )
+                prob_job = writers.submit(prob_cog.finish)
+                mask_job = writers.submit(mask_then_quicklook)
                 prob_path, mask_path = prob_job.result(), mask_job.result()
-        write_s = time.perf_counter() - t0
+        write_s = time.perf_counter() - t0  # the quicklook included: it is drawn beside them
 
         t0 = time.perf_counter()
         vectors = write_geojson(out / "changes.geojson", mask_path, prob_path, options.polygons)
         vector_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        if options.quicklook:
-            scored = {b.index for b in todo}
-            for block in plan:  # blocks a previous attempt scored: read them for the picture
-                if block.index not in scored:
-                    canvas.add(block, (block.row, block.col), *pair.read(block.window))
-            write_quicklook(out / "quicklook.png", canvas, prob_path)
-        quicklook_s = time.perf_counter() - t0
         described = pair.describe()
 
     valid = counts["valid"]
@@ -373,7 +379,7 @@ def _score_pair(
             "scoring": round(score_s, 3),
             "writing": round(write_s, 3),
             "polygons": round(vector_s, 3),
-            "quicklook": round(quicklook_s, 3),
+            "quicklook": round(quicklook_s[0], 3),  # beside the probability COG's copy
             "total": round(time.perf_counter() - t_start, 3),
         },
         "megapixels_per_second": round(sum(b.height * b.width for b in todo) / 1e6 / score_s, 4)

@@ -1,8 +1,8 @@
 """before | after | probability, small enough to open anywhere.
 
-The dates are sampled (nearest pixel) from the blocks as they are scored, so the inputs are not
-read a second time; the probability comes from the COG's overviews. A 16k x 16k scene costs what
-a 1k one does."""
+The dates and the probability are sampled (nearest pixel) from the blocks as they are read and
+scored, so nothing is read a second time and the picture does not wait for the COGs. A 16k x 16k
+scene costs what a 1k one does."""
 
 from __future__ import annotations
 
@@ -10,9 +10,7 @@ import os
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from PIL import Image
-from rasterio.enums import Resampling
 
 from serving.scoring.blocks import Block
 
@@ -51,6 +49,7 @@ class Canvas:
         self.before = np.zeros((h, w, channels), np.float32)
         self.after = np.zeros((h, w, channels), np.float32)
         self.valid = np.zeros((h, w), bool)
+        self.probability = np.full((h, w), np.nan, np.float32)
 
     def add(
         self,
@@ -62,8 +61,7 @@ class Canvas:
     ) -> None:
         """``before``/``after``/``valid``: a window of the scene whose first pixel is ``origin``
         (row, col) and which holds the block."""
-        ri = np.flatnonzero((self.rows >= block.row) & (self.rows < block.row + block.height))
-        ci = np.flatnonzero((self.cols >= block.col) & (self.cols < block.col + block.width))
+        ri, ci = self._inside(block)
         if not len(ri) or not len(ci):
             return
         r = (self.rows[ri] - origin[0])[:, None]
@@ -72,16 +70,25 @@ class Canvas:
         self.after[ri[:, None], ci[None, :]] = after[r, c]
         self.valid[ri[:, None], ci[None, :]] = valid[r, c]
 
+    def add_probability(self, block: Block, probability: np.ndarray) -> None:
+        """``probability``: the block's (h, w) map, NaN where nodata."""
+        ri, ci = self._inside(block)
+        r = (self.rows[ri] - block.row)[:, None]
+        c = (self.cols[ci] - block.col)[None, :]
+        self.probability[ri[:, None], ci[None, :]] = probability[r, c]
 
-def write_quicklook(path: Path, canvas: Canvas, probability_path: Path, gap: int = 6) -> Path:
-    h, w = canvas.valid.shape
-    with rasterio.open(probability_path) as ds:
-        prob = ds.read(1, out_shape=(h, w), resampling=Resampling.nearest, masked=True)
-        prob = np.ma.filled(prob.astype(np.float64) * ds.scales[0], np.nan)
+    def _inside(self, block: Block) -> tuple[np.ndarray, np.ndarray]:
+        ri = np.flatnonzero((self.rows >= block.row) & (self.rows < block.row + block.height))
+        ci = np.flatnonzero((self.cols >= block.col) & (self.cols < block.col + block.width))
+        return ri, ci
+
+
+def write_quicklook(path: Path, canvas: Canvas, gap: int = 6) -> Path:
+    h = canvas.valid.shape[0]
     panels = [
         stretch(canvas.before, canvas.valid),
         stretch(canvas.after, canvas.valid),
-        heat(prob),
+        heat(canvas.probability),
     ]
     sep = np.full((h, gap, 3), 255, np.uint8)
     image = np.concatenate([panels[0], sep, panels[1], sep, panels[2]], axis=1)

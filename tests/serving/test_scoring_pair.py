@@ -61,7 +61,7 @@ from serving.metadata import ModelMetadata
 from serving.scoring.outputs import COG_BLOCK, PROBABILITY_NODATA, UINT8_NODATA, UINT8_SCALE
 from serving.scoring.pair import PARTIAL, ModelScorer, ScoreOptions, score_pair
 from serving.scoring.polygons import PolygonOptions, write_geojson
-from serving.scoring.quicklook import NODATA_GREY
+from serving.scoring.quicklook import NODATA_GREY, heat
 from serving.scoring.rasters import PairError, UsageProblem
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -359,6 +359,11 @@ def test_quicklook_is_a_png_of_three_panels(small_run: tuple[Path, dict[str, Any
         assert im.size == (3 * 130 + 2 * 6, 150)
         pixels = np.asarray(im)
     assert pixels.std() > 0
+    # the scene is smaller than the picture's 512 px: the third panel is the probability raster,
+    # pixel for pixel, sampled from the blocks as they were scored
+    with rasterio.open(out / "change_probability.tif") as ds:
+        prob = ds.read(1, masked=True).filled(np.nan).astype(np.float32)
+    assert np.array_equal(pixels[:, 2 * (130 + 6) :], heat(prob))
 
 
 def test_uint8_probability(
