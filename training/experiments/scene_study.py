@@ -396,6 +396,8 @@ def render_markdown(data: dict[str, Any], s: StudySettings) -> str:
         "chosen on the other folds' held-out maps (honest); **oracle F1**: threshold chosen on the "
         "fold itself (optimistic, for reference). CVA: change vector analysis, Otsu per pair.",
         "",
+        "Means ± standard deviations over seeds; a seed counts once it has every fold.",
+        "",
         "| method | positives | seeds | folds | pooled F1 (cross-fold) | mean F1 (cross-fold) "
         "| mean AUROC | mean oracle F1 |",
         "|---|---|---|---|---|---|---|---|",
@@ -408,10 +410,15 @@ def render_markdown(data: dict[str, Any], s: StudySettings) -> str:
         by.items(), key=lambda kv: (order.get(kv[0][1], 9), kv[0][0])
     ):
         folds = sorted({f for r in rows for f in r["folds"]})
+        # a seed still running has fewer folds: its means would not be comparable
+        done = [r for r in rows if sorted(r["folds"]) == folds]
+        seeds = str(len(done)) + (
+            f" (+{len(rows) - len(done)} partial)" if len(done) < len(rows) else ""
+        )
         lines.append(
-            f"| {method} | {budget} | {len(rows)} | {len(folds)} | "
-            f"{_ms([r['pooled_f1'] for r in rows])} | {_ms([r['mean_f1'] for r in rows])} | "
-            f"{_ms([r['mean_auroc'] for r in rows])} | {_ms([r['mean_oracle_f1'] for r in rows])} |"
+            f"| {method} | {budget} | {seeds} | {len(folds)} | "
+            f"{_ms([r['pooled_f1'] for r in done])} | {_ms([r['mean_f1'] for r in done])} | "
+            f"{_ms([r['mean_auroc'] for r in done])} | {_ms([r['mean_oracle_f1'] for r in done])} |"
         )
     if cva:
         lines.append(
@@ -419,16 +426,17 @@ def render_markdown(data: dict[str, Any], s: StudySettings) -> str:
             f"{_ms([v['f1'] for v in cva.values()])} | {_ms([v['auroc'] for v in cva.values()])} "
             "| - |"
         )
+    first = min((r["seed"] for r in data["rows"]), default=0)
     lines += [
         "",
-        "## Per fold, seed 0",
+        f"## Per fold, seed {first}",
         "",
         "| held-out pair | method | positives | positives used | F1 (cross-fold) | "
         "threshold | oracle F1 | AUROC | CVA F1 | CVA AUROC |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
-        if r["seed"] != s.seeds[0]:
+        if r["seed"] != first:
             continue
         for f in r["folds"]:
             cf = r["cross_fold"].get(f, {})
