@@ -1,8 +1,8 @@
 """Score one GeoTIFF pair into georeferenced outputs: the batch path of `rarechange score`.
 
 Blocks of the reference grid are read, scored by the model's batcher and backend (the server's
-own), stitched (:mod:`serving.scoring.blocks`) and kept as finished blocks; the COGs, polygons,
-quicklook and summary are made from them at the end. ``summary.json`` is written last: its
+own), stitched (:mod:`serving.scoring.blocks`), kept as finished blocks and staged into both COGs
+as they finish; the COG copies, polygons, quicklook and summary are made at the end. ``summary.json`` is written last: its
 presence means the run is complete. A run killed at any point continues with ``resume=True`` and
 gives the same pixels as an uninterrupted one.
 """
@@ -258,9 +258,9 @@ def _score_pair(
 
         t0 = time.perf_counter()
         patches = 0
-        # finished blocks are staged on a thread of their own while the next ones are scored
-        # (a core then shared with ONNX Runtime costs it less than the staging would take after
-        # the scoring); at most two blocks wait for it, so memory stays bounded
+        # finished blocks are staged on a thread of their own while the next ones are scored, so
+        # that only the COG copies are left after the last block; at most two blocks wait for
+        # the thread, so memory stays bounded
         with (
             CogWriter(
                 out / "change_probability.tif",
