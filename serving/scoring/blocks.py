@@ -14,6 +14,7 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -100,10 +101,22 @@ def pad(image: np.ndarray, tiles: BlockTiles) -> np.ndarray:
     return np.pad(image, widths, mode="symmetric")
 
 
+class TileBook:
+    """The blocks of this run that later blocks may share tiles with: a tile at a block's edge
+    belongs to every block it touches, and only the first of them scores it (about 2 % of a
+    scene's patches at the default 1024-pixel blocks). ``keep``: blocks per row of the plan,
+    plus one (the left neighbour and the row above)."""
+
+    def __init__(self, keep: int) -> None:
+        self.jobs: deque[BlockJob] = deque(maxlen=keep)
+
+
 class BlockJob:
     """One block's scene tiles, cut into chunks of patches for the batcher, and its probability
     map stitched once every chunk is back. ``before``/``after`` (h', w', C) and ``valid``
-    (h', w') are the window ``tiles.read``."""
+    (h', w') are the window ``tiles.read``. With a ``book``, tiles an earlier block of the book
+    scores are taken from it when this block finishes (blocks finish in order), not scored
+    again: the same values, so the map is unchanged."""
 
     def __init__(
         self,
@@ -114,12 +127,25 @@ class BlockJob:
         tiles: BlockTiles,
         patch: int,
         stride: int,
+        book: TileBook | None = None,
     ) -> None:
         self.block, self.valid, self.tiles = block, valid, tiles
         self.patch, self.stride = patch, stride
         self.n_cols = len(tiles.cols)
         self.prob = np.zeros((len(tiles.rows), self.n_cols), np.float32)
-        self.index = np.flatnonzero(_tiles_touching_valid(valid, tiles, patch))
+        needed = _tiles_touching_valid(valid, tiles, patch)
+        self._borrowed: list[tuple[BlockJob, tuple[slice, slice], tuple[slice, slice], Any]] = []
+        if book is not None:
+            free = np.ones(self.prob.shape, bool)
+            for earlier in book.jobs:
+                own, theirs = _shared(tiles, earlier.tiles, stride)
+                if own is None or theirs is None or not free[own].any():
+                    continue
+                self._borrowed.append((earlier, own, theirs, free[own].copy()))
+                free[own] = False  # a tile several earlier blocks hold is taken from the first
+            needed &= free.reshape(-1)
+            book.jobs.append(self)
+        self.index = np.flatnonzero(needed)
         # each plane's tiles as a (n_rows, n_cols, C, P, P) view: tile origins are a lattice of
         # the stride, so a run of tiles along a row is a basic slice, copied in one call (a
         # fancy-index gather of the same patches costs about four times as much)
@@ -165,6 +191,9 @@ class BlockJob:
 
     def finish(self) -> np.ndarray:
         """The block's (h, w) float32 probability, NaN where invalid."""
+        for earlier, own, theirs, take in self._borrowed:  # finished before this one
+            self.prob[own][take] = earlier.prob[theirs][take]
+        self._borrowed = []
         block, tiles = self.block, self.tiles
         region = (block.row, block.col, block.height, block.width)
         out = tiling.stitch_region(
@@ -209,6 +238,21 @@ def score_blocks(
         pending.append((job, None, None))
         yield from settle(in_flight - 1)
     yield from settle(0)
+
+
+def _shared(
+    a: BlockTiles, b: BlockTiles, stride: int
+) -> tuple[tuple[slice, slice] | None, tuple[slice, slice] | None]:
+    """The tiles two blocks both hold, as (rows, cols) slices of each one's tile grid (the
+    origins of both are runs of the scene's lattice); (None, None) when they share none."""
+    own, theirs = [], []
+    for mine, other in ((a.rows, b.rows), (a.cols, b.cols)):
+        lo, hi = max(int(mine[0]), int(other[0])), min(int(mine[-1]), int(other[-1]))
+        if lo > hi:
+            return None, None
+        own.append(slice((lo - int(mine[0])) // stride, (hi - int(mine[0])) // stride + 1))
+        theirs.append(slice((lo - int(other[0])) // stride, (hi - int(other[0])) // stride + 1))
+    return (own[0], own[1]), (theirs[0], theirs[1])
 
 
 def _tiles_touching_valid(valid: np.ndarray, tiles: BlockTiles, patch: int) -> np.ndarray:

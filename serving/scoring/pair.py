@@ -2,9 +2,9 @@
 
 Blocks of the reference grid are read, scored by the model's batcher and backend (the server's
 own), stitched (:mod:`serving.scoring.blocks`), kept as finished blocks and staged into both COGs
-as they finish; the COG copies, polygons, quicklook and summary are made at the end. ``summary.json`` is written last: its
-presence means the run is complete. A run killed at any point continues with ``resume=True`` and
-gives the same pixels as an uninterrupted one.
+as they finish; the COG copies, polygons, quicklook and summary are made at the end.
+``summary.json`` is written last: its presence means the run is complete. A run killed at any
+point continues with ``resume=True`` and gives the same pixels as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -299,12 +299,17 @@ def _score_pair(
                 if store.has(block.index):
                     staging.put(block, store.load(block.index))
 
+            # tiles on a block edge are scored once, by the first block that holds them
+            book = blk.TileBook(keep=-(-grid.width // options.block_size) + 1)
+
             def jobs() -> Iterator[blk.BlockJob]:
                 for block in todo:  # read lazily: while the previous block is being scored
                     tiles = blk.tiles_for(block, grid.height, grid.width, meta.patch_size, stride)
                     b_img, a_img, valid = pair.read(tiles.read)
                     canvas.add(block, (tiles.read.row_off, tiles.read.col_off), b_img, a_img, valid)
-                    yield blk.BlockJob(block, b_img, a_img, valid, tiles, meta.patch_size, stride)
+                    yield blk.BlockJob(
+                        block, b_img, a_img, valid, tiles, meta.patch_size, stride, book
+                    )
 
             for job, prob in blk.score_blocks(jobs(), scorer.submit):
                 store.save(job.block.index, prob)

@@ -27,6 +27,7 @@ from serving import tiling
 from serving.scoring.blocks import (
     Block,
     BlockJob,
+    TileBook,
     pad,
     plan,
     score_blocks,
@@ -221,6 +222,60 @@ def test_patches_handed_to_submit_are_the_whole_scene_patches() -> None:
     b_got = np.concatenate([b for b, _ in scorer.calls])
     a_got = np.concatenate([a for _, a in scorer.calls])
     assert np.array_equal(b_got, b_ref) and np.array_equal(a_got, a_ref)
+
+
+def shared(
+    before: np.ndarray, after: np.ndarray, valid: np.ndarray, patch: int, stride: int, block: int
+) -> tuple[np.ndarray, FakeScorer]:
+    """The scene as `rarechange score` streams it: every block a job of one pipelined run,
+    tiles on block edges kept in a ``TileBook``."""
+    h, w = valid.shape
+    blocks = plan(h, w, block)
+    book = TileBook(keep=-(-w // block) + 1)
+
+    def jobs() -> Iterator[BlockJob]:
+        for b in blocks:
+            t = tiles_for(b, h, w, patch, stride)
+            rows, cols = t.read.toslices()
+            yield BlockJob(
+                b, before[rows, cols], after[rows, cols], valid[rows, cols], t, patch, stride, book
+            )
+
+    scorer, out = FakeScorer(), np.full((h, w), -7.0, np.float32)
+    for job, prob in score_blocks(jobs(), scorer.submit, chunk=64):
+        b = job.block
+        out[b.row : b.row + b.height, b.col : b.col + b.width] = prob
+    return out, scorer
+
+
+@pytest.mark.parametrize("h,w,patch,stride,block", CASES)
+def test_tiles_on_block_edges_are_scored_once_and_the_map_is_unchanged(
+    h: int, w: int, patch: int, stride: int, block: int
+) -> None:
+    before, after = scene(h, w, seed=h * 1000 + w)
+    valid = np.ones((h, w), bool)
+    got, scorer = shared(before, after, valid, patch, stride, block)
+    assert np.array_equal(got, whole_scene(before, after, patch, stride))
+    assert scorer.patches == len(tiling.grid(h, w, patch, stride))  # each tile once
+
+
+def test_tiles_on_block_edges_with_nodata() -> None:
+    """Skipped tiles stay skipped, borrowed ones keep their value: equal to blocks scored alone."""
+    h, w, patch, stride = 150, 130, 16, 4
+    before, after = scene(h, w, seed=21)
+    valid = np.ones((h, w), bool)
+    valid[40:110, 30:100] = False
+    valid[70, 60] = True
+    alone = streamed(before, after, valid, patch, stride, 32)
+    got, scorer = shared(before, after, valid, patch, stride, 32)
+    assert np.array_equal(got, alone, equal_nan=True)
+    tiles = tiling.grid(h, w, patch, stride)
+    touching = [
+        t
+        for t in tiles
+        if valid[max(t.row, 0) : t.row + patch, max(t.col, 0) : t.col + patch].any()
+    ]
+    assert scorer.patches == len(touching)
 
 
 def invalid_corner_scene(h: int, w: int, patch: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
