@@ -202,7 +202,7 @@ def main() -> None:
     _, scoring_mpx, total_mpx, backend_mpx, summ = rounds[len(rounds) // 2]
     print(
         f"\n## Throughput, {size}x{size} pair, stride {stride} ({n} grid patches; "
-        f"{summ['counts']['patches_scored_this_run']} scored incl. block halos); median of "
+        f"{summ['counts']['patches_scored_this_run']} scored); median of "
         f"{args.rounds} rounds\n"
     )
     print("| path | Mpx/s | ratio to backend alone |")
