@@ -201,7 +201,10 @@ class BlockJob:
         )
         r, c = block.row - tiles.read.row_off, block.col - tiles.read.col_off
         out[~self.valid[r : r + block.height, c : c + block.width]] = np.nan
-        self.lattices = []  # the block's pixels are no longer needed
+        # a finished job stays in the book for its tile probabilities only: its pixels and mask
+        # go, or a row of finished blocks would hold a row of windows
+        self.lattices = []
+        self.valid = np.zeros((0, 0), bool)
         return out
 
 
