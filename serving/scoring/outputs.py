@@ -38,6 +38,7 @@ PROBABILITY_NODATA = -1.0  # float32 probability rasters
 UINT8_NODATA = 255  # scaled probability (0..254 = 0..1) and mask (0/1) rasters
 UINT8_SCALE = 254
 COG_BLOCK = 512
+DIRECT_LEVELS = 2  # overview levels halved from blocks in memory; the rest from the files
 
 ProbabilityType = Literal["float32", "uint8"]
 # below this much free space after a failed write, the filesystem counts as full: numpy and GDAL
@@ -212,7 +213,11 @@ class CogWriter:
         self.levels = [work / f".{path.stem}.staging.tif"] + [
             work / f".{path.stem}.staging.ov{2**k}.tif" for k in range(1, len(self.shapes))
         ]
-        self.direct = min([len(self.shapes) - 1, *(_aligned_levels(b, grid) for b in blocks)])
+        # at most DIRECT_LEVELS are open at once (each open raster holds its own compression
+        # buffers: opening every level would make memory grow with the scene's level count)
+        self.direct = min(
+            [len(self.shapes) - 1, DIRECT_LEVELS, *(_aligned_levels(b, grid) for b in blocks)]
+        )
         self._files = contextlib.ExitStack()
         self._done = False
         try:

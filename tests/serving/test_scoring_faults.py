@@ -150,9 +150,9 @@ def test_a_full_tmpfs_fails_every_phase_cleanly_and_resumes(
 ) -> None:
     """The free space goes up from nothing in 24 KiB steps until the run fits, then back down in
     pages (4 KiB) from there, so that the disk fills in turn in every phase it can: the job file,
-    block files, the COGs (staging rasters, overview levels, the COG itself), the quicklook and
-    the summary (the polygons come after the COGs and need less than they did at their peak:
-    they are covered by an injected failure below)."""
+    block files, the COGs (staging rasters, overview levels, the COG itself) and the quicklook
+    (the polygons and the summary come after the COGs and need less than was used at the peak:
+    they are covered by injected failures below)."""
     before, after, reference = pair
     out = small_disk / "out"
     phases: collections.Counter[str] = collections.Counter()
@@ -184,8 +184,10 @@ def test_a_full_tmpfs_fails_every_phase_cleanly_and_resumes(
     assert fits is not None, "the run never fitted on the disk"
     for free in range(fits - 4096, fits - (24 << 10), -4096):
         attempt(free)
-    # the COGs fill the disk in `finish`: their staged blocks reach it from GDAL's cache on close
-    reached = {"job", "save", "finish", "write_quicklook", "summary"}
+    # the COGs fill the disk in `finish`: their staged blocks reach it from GDAL's cache on close;
+    # the quicklook is drawn while they are copied, the disk's fullest moment, so the summary
+    # written at the end always finds room here: it is covered by the injected failures below
+    reached = {"job", "save", "finish", "write_quicklook"}
     assert reached <= set(phases), phases
 
 
