@@ -146,14 +146,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def probability_pixels(prob: np.ndarray, dtype: ProbabilityType) -> np.ndarray:
     invalid = np.isnan(prob)
     if dtype == "float32":
-        return np.where(invalid, np.float32(PROBABILITY_NODATA), prob).astype(np.float32)
+        out = prob.astype(np.float32)  # one copy, then nodata in place
+        out[invalid] = PROBABILITY_NODATA
+        return out
     scaled = np.rint(np.nan_to_num(prob) * UINT8_SCALE).astype(np.uint8)
     scaled[invalid] = UINT8_NODATA
     return scaled
 
 
 def mask_pixels(prob: np.ndarray, threshold: float) -> np.ndarray:
-    out = (np.nan_to_num(prob, nan=-1.0) >= threshold).astype(np.uint8)
+    with np.errstate(invalid="ignore"):  # NaN (nodata) compares False, then is marked nodata
+        out = (prob >= threshold).astype(np.uint8)
     out[np.isnan(prob)] = UINT8_NODATA
     return out
 

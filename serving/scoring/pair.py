@@ -259,7 +259,7 @@ def _score_pair(
         t0 = time.perf_counter()
         patches = 0
         # finished blocks are staged on a thread of their own while the next ones are scored, so
-        # that only the COG copies are left after the last block; at most two blocks wait for
+        # that only the COG copies are left after the last block; at most one block waits for
         # the thread, so memory stays bounded
         with (
             CogWriter(
@@ -293,7 +293,7 @@ def _score_pair(
                 desc=f"scoring {before.name}",
                 disable=not progress,
             ) as bar,
-            _Staging(stage, waiting=2) as staging,
+            _Staging(stage, waiting=1) as staging,
         ):
             for block in plan:  # blocks a previous attempt scored
                 if store.has(block.index):
