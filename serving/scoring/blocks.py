@@ -14,7 +14,6 @@ import itertools
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -134,7 +133,9 @@ class BlockJob:
         self.n_cols = len(tiles.cols)
         self.prob = np.zeros((len(tiles.rows), self.n_cols), np.float32)
         needed = _tiles_touching_valid(valid, tiles, patch)
-        self._borrowed: list[tuple[BlockJob, tuple[slice, slice], tuple[slice, slice], Any]] = []
+        self._borrowed: list[
+            tuple[BlockJob, tuple[slice, slice], tuple[slice, slice], np.ndarray]
+        ] = []
         if book is not None:
             free = np.ones(self.prob.shape, bool)
             for earlier in book.jobs:
