@@ -216,8 +216,8 @@ class CogWriter:
         self.levels = [work / f".{path.stem}.staging.tif"] + [
             work / f".{path.stem}.staging.ov{2**k}.tif" for k in range(1, len(self.shapes))
         ]
-        # at most DIRECT_LEVELS are open at once (each open raster holds its own compression
-        # buffers: opening every level would make memory grow with the scene's level count)
+        # at most DIRECT_LEVELS are open at once, so that the rasters held open (each with its
+        # own GDAL and compression state) do not grow in number with the scene's level count
         self.direct = min(
             [len(self.shapes) - 1, DIRECT_LEVELS, *(_aligned_levels(b, grid) for b in blocks)]
         )
