@@ -17,7 +17,7 @@ import os
 import shutil
 import threading
 import warnings
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from html import escape
 from pathlib import Path
 from typing import Any, Literal
@@ -126,8 +126,9 @@ class BlockStore:
 
     def load(self, index: int) -> np.ndarray:
         # np.load parses the header with ast.literal_eval, and CPython 3.11's AST builder keeps
-        # its recursion depth in state shared by all threads: two COG writer threads parsing at
-        # once fail with "SystemError: AST constructor recursion depth mismatch" (gh-106905)
+        # its recursion depth in state shared by all threads: two threads loading at once fail
+        # with "SystemError: AST constructor recursion depth mismatch" (gh-106905; CI hit it when
+        # the COGs read blocks on two threads; loads are on one thread now, the lock keeps it so)
         with _NPY_HEADER_LOCK:
             return np.load(self.path(index))
 
@@ -159,23 +160,6 @@ def mask_pixels(prob: np.ndarray, threshold: float) -> np.ndarray:
         out = (prob >= threshold).astype(np.uint8)
     out[np.isnan(prob)] = UINT8_NODATA
     return out
-
-
-def write_cog(
-    path: Path,
-    grid: Grid,
-    blocks: Iterable[Block],
-    pixels: Callable[[Block], np.ndarray],
-    *args: Any,
-    **kwargs: Any,
-) -> Path:
-    """Assemble ``pixels(block)`` for every block into a COG at ``path`` (atomic); the other
-    arguments are :class:`CogWriter`'s."""
-    blocks = list(blocks)
-    with CogWriter(path, grid, blocks, *args, **kwargs) as cog:
-        for block in blocks:
-            cog.add(block, pixels(block))
-        return cog.finish()
 
 
 class CogWriter:

@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -16,12 +18,22 @@ from serving.scoring.outputs import (
     COG_BLOCK,
     PROBABILITY_NODATA,
     UINT8_NODATA,
+    CogWriter,
     _reduce,
     mask_pixels,
     probability_pixels,
-    write_cog,
 )
 from serving.scoring.rasters import Grid
+
+
+def write_cog(
+    path: Path, grid: Grid, blocks: list, pixels: Callable, *args: Any, **kw: Any
+) -> Path:
+    """Every block's ``pixels`` through a ``CogWriter``, as the scoring run adds them."""
+    with CogWriter(path, grid, blocks, *args, **kw) as cog:
+        for block in blocks:
+            cog.add(block, pixels(block))
+        return cog.finish()
 
 
 def test_reduce_is_a_nodata_aware_mean_or_the_first_valid_pixel() -> None:
