@@ -85,7 +85,7 @@ def write_pair(folder: Path, size: int, block: int = 1024) -> tuple[Path, Path]:
 def child(args: argparse.Namespace) -> None:
     """One measurement in a fresh process; prints one JSON line."""
     from serving.config import ServerSettings
-    from serving.memory import limit_arenas
+    from serving.memory import tune_malloc
     from serving.scoring.pair import ModelScorer, ScoreOptions, score_pair
 
     # warmed up as `rarechange score` does when it loads the model (the backend alone, too)
@@ -96,7 +96,7 @@ def child(args: argparse.Namespace) -> None:
         print(json.dumps(backend_alone(settings, args.patches, args.seconds)))
         return
     before, after = Path(args.before), Path(args.after)
-    limit_arenas()  # as `rarechange score` does
+    tune_malloc()  # as `rarechange score` does
     with tempfile.TemporaryDirectory() as tmp, ModelScorer(settings, MODEL) as scorer:
         t0 = time.perf_counter()
         summary = score_pair(

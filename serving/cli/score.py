@@ -175,7 +175,7 @@ def score(
     """
     from serving.config import ServerSettings
     from serving.errors import ModelLoadError, ModelNotFound
-    from serving.memory import limit_arenas
+    from serving.memory import tune_malloc
     from serving.scoring.outputs import OutputWriteError
     from serving.scoring.pair import ModelScorer, ScoreOptions, score_pair
     from serving.scoring.polygons import PolygonOptions
@@ -219,7 +219,7 @@ def score(
     for p in (before, after):
         if not p.is_file():
             raise click.UsageError(f"no such file: {p}")
-    limit_arenas()  # memory flat in the scene's size (serving/memory.py)
+    tune_malloc()  # memory flat in the scene's size (serving/memory.py)
     try:
         with ModelScorer(settings, model) as scorer:
             summary = score_pair(before, after, out, scorer, options, progress=not quiet)

@@ -24,7 +24,7 @@ from typing import Any, Literal
 from tqdm import tqdm
 
 from serving.config import ServerSettings
-from serving.memory import limit_arenas
+from serving.memory import tune_malloc
 from serving.scoring.pair import ModelScorer, ScoreOptions, score_pair
 from serving.scoring.rasters import PairError, UnreadableInput, UsageProblem, parse_bands
 
@@ -118,7 +118,7 @@ _WORKER: ModelScorer | None = None
 
 def _init_worker(settings: ServerSettings, model: str) -> None:
     global _WORKER
-    limit_arenas()
+    tune_malloc()
     _WORKER = ModelScorer(settings, model)
 
 

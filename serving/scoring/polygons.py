@@ -24,6 +24,8 @@ from shapely.geometry import mapping, shape
 
 WGS84 = CRS.from_epsg(4326)
 METRES_PER_DEGREE = 111_320.0  # along a meridian; only to turn a --simplify in metres to degrees
+# GDAL's block cache beyond one row of the mask's tiles: the probability windows under polygons
+WINDOW_CACHE = 8 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,7 @@ def write_geojson(
     n, area_total, dropped = 0, 0.0, 0
     with (
         rasterio.open(mask_path) as mask_ds,
+        rasterio.Env(GDAL_CACHEMAX=line_cache(mask_ds)),
         rasterio.open(probability_path) as prob_ds,
         open(tmp, "w") as out,
     ):
@@ -86,6 +89,15 @@ def write_geojson(
         "changed_area_m2_in_polygons": area_total,
         "crs": _crs_name(out_crs) if out_crs else None,
     }
+
+
+def line_cache(mask_ds: Any) -> int:
+    """GDAL's block cache for polygonizing ``mask_ds``: GDAL reads the mask line by line, and
+    every line of a tiled raster touches a whole row of tiles; with less cache than that row, each
+    line decompresses the row again (a 16k x 16k mask with 512-pixel tiles: 80 s at 8 MB, 4.6 s
+    at 12 MB). The cache follows the scene's width, not its area."""
+    tile_rows = mask_ds.block_shapes[0][0]
+    return int(mask_ds.width * tile_rows * np.dtype(mask_ds.dtypes[0]).itemsize) + WINDOW_CACHE
 
 
 def changed_areas(

@@ -1,30 +1,65 @@
-"""serving.memory: glibc's malloc arenas capped for the batch path, unless the environment says."""
+"""serving.memory: glibc's malloc tuned for the batch path, unless the environment says."""
 
 from __future__ import annotations
 
 import ctypes.util
+import json
 import os
 import subprocess
 import sys
 
 import pytest
 
-PROBE = "from serving.memory import limit_arenas; print(limit_arenas())"
-
-
-def probe(**env: str) -> str:
-    clean = {k: v for k, v in os.environ.items() if k != "MALLOC_ARENA_MAX"}
-    done = subprocess.run(
-        [sys.executable, "-c", PROBE], env={**clean, **env}, capture_output=True, text=True
-    )
-    assert done.returncode == 0, done.stderr
-    return done.stdout.strip()
-
-
-@pytest.mark.skipif(
+pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or ctypes.util.find_library("c") is None,
     reason="glibc's mallopt is Linux's",
 )
-def test_arenas_are_capped_unless_the_environment_sets_them() -> None:
-    assert probe() == "True"
-    assert probe(MALLOC_ARENA_MAX="4") == "False"  # the images' setting wins
+
+# a freed 4 MB array, then a 1 MB one: is the 1 MB one mmapped (given back when freed)?
+PROBE = """
+import ctypes, json, sys
+import numpy as np
+from serving.memory import tune_malloc
+
+class Info(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = Info
+done = tune_malloc() if sys.argv[1] == "tune" else {}
+big = np.ones(4 << 20, np.uint8)
+del big  # untuned glibc raises its mmap threshold to 4 MB here
+held = libc.mallinfo2().hblkhd
+small = np.ones(1 << 20, np.uint8)
+print(json.dumps({"set": done, "mmapped": libc.mallinfo2().hblkhd - held >= (1 << 20)}))
+"""
+
+
+def probe(mode: str, **env: str) -> dict:
+    keep = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")
+    clean = {k: v for k, v in os.environ.items() if k not in keep}
+    done = subprocess.run(
+        [sys.executable, "-c", "import ctypes.util\n" + PROBE, mode],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_block_sized_arrays_are_given_back_once_tuned() -> None:
+    if not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"):
+        pytest.skip("mallinfo2 needs glibc 2.33")
+    # glibc's own habit, the reason for the tuning: the second array comes from the heap
+    assert probe("plain")["mmapped"] is False
+    tuned = probe("tune")
+    assert tuned == {"set": {"arenas": True, "mmap_threshold": True}, "mmapped": True}
+
+
+def test_the_environment_wins() -> None:
+    assert probe("tune", MALLOC_ARENA_MAX="4")["set"] == {"arenas": False, "mmap_threshold": True}
+    set_by_env = probe("tune", MALLOC_MMAP_THRESHOLD_="262144")
+    assert set_by_env["set"] == {"arenas": True, "mmap_threshold": False}
+    assert set_by_env["mmapped"] is True  # glibc read the variable itself

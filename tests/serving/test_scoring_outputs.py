@@ -19,7 +19,7 @@ from serving.scoring.outputs import (
     PROBABILITY_NODATA,
     UINT8_NODATA,
     CogWriter,
-    _reduce,
+    _halve_array,
     mask_pixels,
     probability_pixels,
 )
@@ -36,14 +36,33 @@ def write_cog(
         return cog.finish()
 
 
-def test_reduce_is_a_nodata_aware_mean_or_the_first_valid_pixel() -> None:
-    cells = np.array([[[0.2, 0.4, -1.0, 0.6], [-1.0, -1.0, -1.0, -1.0]]], np.float32)
-    mean = _reduce(cells, -1.0, "average")
+def test_halving_is_a_nodata_aware_mean_or_the_first_valid_pixel() -> None:
+    # two 2 x 2 cells side by side, then a last column and row past the edge (nodata)
+    probs = np.array([[0.2, 0.4, -1.0, -1.0, 0.8], [-1.0, 0.6, -1.0, -1.0, 0.1]], np.float32)
+    mean = _halve_array(probs, -1.0, "average")
+    assert mean.shape == (1, 3)
     assert mean[0, 0] == pytest.approx(0.4) and mean[0, 1] == -1.0
-    masks = np.array([[[255, 1, 0, 0], [255, 255, 255, 255]]], np.uint8)
-    assert _reduce(masks, 255, "nearest").tolist() == [[1, 255]]
-    ints = np.array([[[1, 2, 255, 255]]], np.uint8)
-    assert _reduce(ints, 255, "average").tolist() == [[2]]  # 1.5 rounds to even: 2
+    assert mean[0, 2] == pytest.approx(0.45)
+    masks = np.array([[255, 1, 255, 255, 0], [0, 0, 255, 255, 255], [1, 1, 1, 1, 1]], np.uint8)
+    # first valid in the cell's order (top-left, top-right, bottom-left, bottom-right)
+    assert _halve_array(masks, 255, "nearest").tolist() == [[1, 255, 0], [1, 1, 1]]
+    ints = np.array([[1, 2], [255, 255]], np.uint8)
+    assert _halve_array(ints, 255, "average").tolist() == [[2]]  # 1.5 rounds to even: 2
+    assert _halve_array(ints, 255, "average").dtype == np.float32  # cast by the caller
+
+
+def test_halving_matches_the_mean_of_each_cell() -> None:
+    rng = np.random.default_rng(3)
+    probs = rng.random((37, 52)).astype(np.float32)
+    probs[rng.random(probs.shape) < 0.3] = -1.0
+    padded = np.full((38, 52), -1.0, np.float32)
+    padded[:37] = probs
+    cells = padded.reshape(19, 2, 26, 2).transpose(0, 2, 1, 3).reshape(19, 26, 4)
+    valid = cells != -1.0
+    expect = np.where(
+        valid.any(2), np.where(valid, cells, 0).sum(2) / np.maximum(valid.sum(2), 1), -1.0
+    )
+    np.testing.assert_allclose(_halve_array(probs, -1.0, "average"), expect, rtol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", ["float32", "uint8"])

@@ -60,7 +60,7 @@ from serving.detector import ChangeDetectionCore, DetectRequest
 from serving.metadata import ModelMetadata
 from serving.scoring.outputs import COG_BLOCK, PROBABILITY_NODATA, UINT8_NODATA, UINT8_SCALE
 from serving.scoring.pair import PARTIAL, ModelScorer, ScoreOptions, score_pair
-from serving.scoring.polygons import PolygonOptions, write_geojson
+from serving.scoring.polygons import WINDOW_CACHE, PolygonOptions, line_cache, write_geojson
 from serving.scoring.quicklook import NODATA_GREY, heat
 from serving.scoring.rasters import PairError, UsageProblem
 
@@ -449,6 +449,22 @@ def test_polygons_from_hand_drawn_rasters(tmp_path: Path) -> None:
     write_geojson(tmp_path / "c4.geojson", m, p, PolygonOptions(connectivity=4))
     feats = json.loads((tmp_path / "c4.geojson").read_text())["features"]
     assert sorted(f["properties"]["pixels"] for f in feats) == [1, 1, 1, 20, 65]
+
+
+def test_polygons_cache_one_row_of_mask_tiles(tmp_path: Path) -> None:
+    """GDAL polygonizes line by line: with less block cache than one row of the mask's tiles,
+    every line decompresses the row again (80 s instead of 4.6 s on a 16k scene under the run's
+    8 MB cache). The cache follows the width only, and the run's own setting comes back after."""
+    m, p = hand_drawn(tmp_path)
+    with rasterio.open(m) as ds:
+        assert line_cache(ds) == 50 * 64 + WINDOW_CACHE  # 64-pixel tiles of a uint8 mask
+    wide = write_tif(tmp_path / "wide.tif", np.zeros((1, 64, 1300), np.uint8), nodata=255)
+    with rasterio.open(wide) as ds:
+        assert line_cache(ds) == 1300 * 64 + WINDOW_CACHE
+    with rasterio.Env(GDAL_CACHEMAX=1024 * 1024):
+        info = write_geojson(tmp_path / "all.geojson", m, p, PolygonOptions())
+        assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == 1024 * 1024
+    assert info["polygons"] == 4
 
 
 def ring_points(feature: dict[str, Any]) -> int:
