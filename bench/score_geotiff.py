@@ -158,7 +158,7 @@ def main() -> None:
     p.add_argument("--sizes", default="1024,4096,16384")
     p.add_argument("--throughput-size", type=int, default=2048)
     p.add_argument("--memory-stride", type=int, default=32)
-    p.add_argument("--block-size", type=int, default=1024)
+    p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seconds", type=float, default=6.0, help="backend-alone timing")
     p.add_argument("--rounds", type=int, default=3, help="score runs, each between backend runs")

@@ -13,7 +13,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from serving.backends.onnxruntime import OnnxRuntimeBackend
+from serving.backends.onnxruntime import OnnxRuntimeBackend, read_verified_model
 from serving.batcher import DynamicBatcher
 from serving.config import ServerSettings
 from serving.errors import ModelLoadError, ModelNotFound
@@ -65,8 +65,11 @@ class ModelRepository:
         self.default = default
 
     @classmethod
-    def load(cls, settings: ServerSettings) -> ModelRepository:
-        """Load every model or none: a bad model stops start-up with a message naming it."""
+    def load(cls, settings: ServerSettings, only: str = "") -> ModelRepository:
+        """Load every model or none: a bad model stops start-up with a message naming it.
+
+        ``only``: load just the model of that name (a batch run scores with one model; each
+        other model would hold a session, its arena and a batcher thread for nothing)."""
         root = settings.models_dir
         paths = sorted(root.glob("*/model.onnx")) if root.is_dir() else []
         if not paths:
@@ -74,6 +77,8 @@ class ModelRepository:
                 f"no models in {root} (expected {root}/<name>/model.onnx); "
                 "export one with `rarechange export` or set RARECHANGE_MODELS_DIR"
             )
+        if only:
+            paths = _paths_named(only, paths)
         models: dict[str, ServedModel] = {}
         for path in paths:
             backends = load_backends(path, settings)
@@ -91,7 +96,7 @@ class ModelRepository:
             )
             models[meta.name] = ServedModel(meta, path, backends[0].name, batcher, backends)
             log.info("loaded model %s %s from %s", meta.name, meta.version, path)
-        default = settings.default_model or sorted(models)[0]
+        default = only or settings.default_model or sorted(models)[0]
         return cls(models, default)
 
     def get(self, name: str = "", version: str = "") -> ServedModel:
@@ -115,3 +120,23 @@ class ModelRepository:
             m.batcher.stop()
             for backend in m.backends:
                 backend.close()
+
+
+def _paths_named(name: str, paths: list[Path]) -> list[Path]:
+    """The model files of the model called ``name``: its folder's, when the folder has the name
+    (as export writes it), else any whose metadata says so (read without a session)."""
+    by_folder = [p for p in paths if p.parent.name == name]
+    if by_folder:
+        return by_folder
+    named = []
+    for path in paths:
+        try:
+            _, meta = read_verified_model(path)
+        except ModelLoadError:
+            continue  # a damaged model that is not the one asked for stops nothing here
+        if meta.name == name:
+            named.append(path)
+    if not named:
+        have = sorted(p.parent.name for p in paths)
+        raise ModelNotFound(f"no model named {name!r}; {paths[0].parent.parent} has {have}")
+    return named

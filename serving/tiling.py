@@ -218,6 +218,9 @@ def _lattice(
     return rows, cols
 
 
+STRIP_ROWS = 128  # rows of the float64 row pass of stitch_region at a time
+
+
 def stitch_region(
     p: np.ndarray,
     rows: list[int] | np.ndarray,
@@ -251,17 +254,25 @@ def stitch_region(
         half[:, lane] += p * w[b]
         col_weight[lane] += w[b]
     half = half[:, left : left + width] / col_weight[left : left + width]
-    # along rows: out[y, x] = sum_i half[i, x] w[y - row_i] / sum_i w[y - row_i]
-    acc = np.zeros(((n_r - 1) * stride + patch, width))
-    row_weight = np.zeros(acc.shape[0])
-    term = np.empty_like(half)
+    # along rows: out[y, x] = sum_i half[i, x] w[y - row_i] / sum_i w[y - row_i], in strips of
+    # STRIP_ROWS output rows: a float64 sum of the whole region would be twice the float32 map
+    # (9 MB for a 1024-pixel block); each pixel still adds the same terms in the same order
+    row_weight = np.zeros((n_r - 1) * stride + patch)
     for a in range(patch):
-        lane = slice(a, a + (n_r - 1) * stride + 1, stride)
-        acc[lane] += np.multiply(half, w[a], out=term)
-        row_weight[lane] += w[a]
-    acc = acc[top : top + height]
-    acc /= row_weight[top : top + height, None]
-    return acc.astype(np.float32)
+        row_weight[a : a + (n_r - 1) * stride + 1 : stride] += w[a]
+    out = np.empty((height, width), np.float32)
+    for y0 in range(top, top + height, STRIP_ROWS):
+        y1 = min(y0 + STRIP_ROWS, top + height)
+        acc = np.zeros((y1 - y0, width))
+        for a in range(patch):
+            i0 = max(0, -(-(y0 - a) // stride))  # the tiles whose row a lands in [y0, y1)
+            i1 = min(n_r, (y1 - 1 - a) // stride + 1)
+            if i0 < i1:
+                first = a + i0 * stride - y0
+                acc[first : first + (i1 - i0 - 1) * stride + 1 : stride] += half[i0:i1] * w[a]
+        acc /= row_weight[y0:y1, None]
+        out[y0 - top : y1 - top] = acc
+    return out
 
 
 def _stitch_loop(

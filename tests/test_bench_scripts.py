@@ -6,10 +6,12 @@ asserted: nothing but OK and RESOURCE_EXHAUSTED (overload) or OK (soak), and a h
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
@@ -40,6 +42,31 @@ def run_script(name: str, tmp_path: Path, *args: str) -> tuple[subprocess.Comple
     for name, criterion in results["criteria"].items():
         assert f"{'PASS' if criterion['pass'] else 'FAIL'}  {name}: " in proc.stdout
     return proc, results
+
+
+def load_bench(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "bench" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_admitted_throughput_counts_only_calls_ended_in_the_window() -> None:
+    """The queue of the measured server is sized from this: calls still queued when the load
+    stops end afterwards and must not count, or the queue outgrows the latency bound."""
+    overload = load_bench("overload")
+    result = overload.LoadResult(rate=10, seconds=4.0, planned=6, sent=6, max_lag_s=0.0)
+    result.outcomes = [
+        overload.Outcome(due_s=0.1, code="OK", latency_s=0.5),  # ended before the skip
+        overload.Outcome(due_s=1.0, code="OK", latency_s=0.5),
+        overload.Outcome(due_s=2.0, code="OK", latency_s=1.9),
+        overload.Outcome(due_s=2.5, code="RESOURCE_EXHAUSTED", latency_s=0.01),
+        overload.Outcome(due_s=3.5, code="OK", latency_s=0.6),  # ended after the load
+        overload.Outcome(due_s=3.9, code="OK", latency_s=2.0),
+    ]
+    assert overload.admitted_patches_per_s(result, tiles=10, skip_s=1.0) == 2 * 10 / 3.0
 
 
 @pytest.mark.slow

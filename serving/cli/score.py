@@ -83,7 +83,7 @@ def _pair_of_floats(text: str | None) -> tuple[float, float] | None:
 @click.option(
     "--block-size",
     type=click.IntRange(min=16),
-    default=1024,
+    default=512,
     show_default=True,
     help="Pixels per block side: memory is bounded by this, not by the scene.",
 )

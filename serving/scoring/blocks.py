@@ -210,7 +210,7 @@ class BlockJob:
 
 
 def score_blocks(
-    jobs: Iterable[BlockJob], submit: Submit, chunk: int = 4096, in_flight: int = 2
+    jobs: Iterable[BlockJob], submit: Submit, chunk: int = 1024, in_flight: int = 2
 ) -> Iterator[tuple[BlockJob, np.ndarray]]:
     """(job, probability map) for each job, in order, as soon as its last chunk is back.
 

@@ -68,7 +68,7 @@ class ScoreOptions:
     stride: int = 0  # 0: the model's recommended stride
     threshold: float | None = None  # None: the model's default threshold
     probability_dtype: ProbabilityType = "float32"
-    block_size: int = 1024
+    block_size: int = 512
     polygons: PolygonOptions = field(default_factory=PolygonOptions)
     quicklook: bool = True
     resume: bool = False
@@ -81,7 +81,7 @@ class ModelScorer:
     scores. ``submit`` is what blocks call: the same batcher and backend as the server's."""
 
     def __init__(self, settings: ServerSettings, model: str = "") -> None:
-        self.repository = ModelRepository.load(settings)
+        self.repository = ModelRepository.load(settings, only=model or settings.default_model)
         try:
             self.served = self.repository.get(model)
             if settings.warmup:  # first batches allocate and tune: a cost of loading, not of a pair

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 import rasterio
 import rasterio.features
+import shapely
 import shapely.affinity
 from affine import Affine
 from rasterio.crs import CRS
@@ -26,6 +27,7 @@ WGS84 = CRS.from_epsg(4326)
 METRES_PER_DEGREE = 111_320.0  # along a meridian; only to turn a --simplify in metres to degrees
 # GDAL's block cache beyond one row of the mask's tiles: the probability windows under polygons
 WINDOW_CACHE = 8 * 1024 * 1024
+ZONAL_PIXELS = 1024 * 1024  # the most probability pixels read at once under a polygon
 
 
 @dataclass(frozen=True)
@@ -122,21 +124,38 @@ def changed_areas(
 
 
 def _zonal(prob_ds: Any, pixel_poly: Any) -> tuple[float, float, int]:
-    """(max, mean, count) of the probabilities under a polygon given in pixel coordinates."""
+    """(max, mean, count) of the probabilities under a polygon given in pixel coordinates.
+
+    Read in strips of at most ZONAL_PIXELS of the polygon's bounding window, each with the part
+    of the polygon inside it: one change may span the scene (a flood), and its window whole would
+    be a scene's worth of memory."""
     minx, miny, maxx, maxy = pixel_poly.bounds  # pixel edges: whole numbers up to rounding
     c0, r0 = max(0, math.floor(minx + 1e-6)), max(0, math.floor(miny + 1e-6))
     c1 = min(prob_ds.width, math.ceil(maxx - 1e-6))
     r1 = min(prob_ds.height, math.ceil(maxy - 1e-6))
-    window = Window(c0, r0, c1 - c0, r1 - r0)
-    values = prob_ds.read(1, window=window, masked=True)
-    inside = rasterio.features.geometry_mask(
-        [pixel_poly], out_shape=values.shape, transform=Affine.translation(c0, r0), invert=True
-    )
-    # nodata is masked; a uint8 map carries its scale
-    chosen = values[inside & ~np.ma.getmaskarray(values)].astype(np.float64) * prob_ds.scales[0]
-    if not len(chosen):
+    nodata = prob_ds.nodata
+    rows = max(1, ZONAL_PIXELS // max(1, c1 - c0))
+    top, total, count = -math.inf, 0.0, 0
+    for r in range(r0, r1, rows):
+        h = min(rows, r1 - r)
+        part = pixel_poly if h == r1 - r0 else shapely.clip_by_rect(pixel_poly, c0, r, c1, r + h)
+        if part.is_empty:
+            continue
+        values = prob_ds.read(1, window=Window(c0, r, c1 - c0, h))
+        inside = rasterio.features.geometry_mask(
+            [part], out_shape=values.shape, transform=Affine.translation(c0, r), invert=True
+        )
+        if nodata is not None:
+            inside &= values != nodata
+        chosen = values[inside]
+        if len(chosen):
+            top = max(top, float(chosen.max()))
+            total += float(chosen.sum(dtype=np.float64))
+            count += len(chosen)
+    if not count:
         return float("nan"), float("nan"), 0
-    return float(chosen.max()), float(chosen.mean()), len(chosen)
+    scale = prob_ds.scales[0]  # a uint8 map carries its scale
+    return top * scale, total / count * scale, count
 
 
 def metres_per_unit(crs: CRS | None) -> float:

@@ -217,7 +217,11 @@ class RasterPair:
     def _read(
         self, ds: Any, bands: tuple[int, ...], window: Window
     ) -> tuple[np.ndarray, np.ndarray]:
-        data = ds.read(list(bands), window=window)  # (C, h, w), the file's dtype
+        # read straight into (h, w, C), the layout the patches are cut from: GDAL writes through
+        # the transposed view's strides, so no (C, h, w) copy is made and transposed afterwards
+        shape = (round(window.height), round(window.width), len(bands))
+        pixels = np.empty(shape, ds.dtypes[bands[0] - 1])
+        data = ds.read(list(bands), window=window, out=pixels.transpose(2, 0, 1))  # (C, h, w)
         if all(ds.mask_flag_enums[b - 1] == [MaskFlags.all_valid] for b in bands):
             valid = np.ones(data.shape[1:], bool)  # no nodata, mask or alpha: nothing to read
         else:
@@ -233,8 +237,8 @@ class RasterPair:
                 scaled = np.rint(scaled)
             data = scaled.astype(self.dtype)
         elif np.issubdtype(data.dtype, np.floating):
-            data = np.nan_to_num(data)
-        return np.ascontiguousarray(data.transpose(1, 2, 0)), valid
+            data = np.nan_to_num(data, copy=False)
+        return np.ascontiguousarray(data.transpose(1, 2, 0)), valid  # a view of `pixels` or so
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -58,6 +58,7 @@ from rasterio.warp import Resampling, reproject, transform_bounds
 from serving.config import ServerSettings
 from serving.detector import ChangeDetectionCore, DetectRequest
 from serving.metadata import ModelMetadata
+from serving.scoring import polygons
 from serving.scoring.outputs import COG_BLOCK, PROBABILITY_NODATA, UINT8_NODATA, UINT8_SCALE
 from serving.scoring.pair import PARTIAL, ModelScorer, ScoreOptions, score_pair
 from serving.scoring.polygons import WINDOW_CACHE, PolygonOptions, line_cache, write_geojson
@@ -465,6 +466,26 @@ def test_polygons_cache_one_row_of_mask_tiles(tmp_path: Path) -> None:
         info = write_geojson(tmp_path / "all.geojson", m, p, PolygonOptions())
         assert rasterio.env.get_gdal_config("GDAL_CACHEMAX") == 1024 * 1024
     assert info["polygons"] == 4
+
+
+def test_polygon_statistics_read_in_strips_equal_the_whole_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change may span the scene: its probabilities are read a strip at a time (here strips
+    of one to three rows), with the same statistics as one read of its whole window."""
+    m, p = hand_drawn(tmp_path)
+    whole = features_of_file(write_geojson, tmp_path / "whole.geojson", m, p)
+    for budget in (7, 30):
+        monkeypatch.setattr(polygons, "ZONAL_PIXELS", budget)
+        strips = features_of_file(write_geojson, tmp_path / f"s{budget}.geojson", m, p)
+        assert [f["geometry"] for f in strips] == [f["geometry"] for f in whole]
+        for a, b in zip(strips, whole, strict=True):
+            assert a["properties"] == pytest.approx(b["properties"], rel=1e-9)
+
+
+def features_of_file(write: Any, path: Path, m: Path, p: Path) -> list[dict[str, Any]]:
+    write(path, m, p, PolygonOptions())
+    return json.loads(path.read_text())["features"]
 
 
 def ring_points(feature: dict[str, Any]) -> int:
