@@ -11,8 +11,10 @@ Two habits of glibc made a 16k x 16k scene peak well above a 1k one (bench/score
   where they fragment and stay: RSS then tracks the largest moment of overlap between threads over
   the whole run, which a scene of many blocks reaches and a one-block scene does not. A fixed
   threshold (``MALLOC_MMAP_THRESHOLD_``, 256 KiB here) keeps every block-sized array mmapped and
-  given back when freed; the cost, a page fault per 4 KiB of a new array, is well under 1 % of
-  scoring a block.
+  given back when freed. The cost is a page fault per 4 KiB of each new array: the patch arrays,
+  the largest and most frequent, are reused instead (``blocks.Buffers``); the rest cost about
+  5 % of throughput at stride 8 against a 2 MiB threshold, which measured 1k -> 16k growth of
+  +8.7 % instead of +6.3 % (docs/benchmarks_notes.md).
 
 :func:`tune_malloc` applies both to the running process (call it before the threads start and
 before the big allocations); a value the environment sets wins.

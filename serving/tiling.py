@@ -261,9 +261,11 @@ def stitch_region(
     for a in range(patch):
         row_weight[a : a + (n_r - 1) * stride + 1 : stride] += w[a]
     out = np.empty((height, width), np.float32)
+    strip = np.empty((min(STRIP_ROWS, height), width))  # reused: one allocation, not one a strip
     for y0 in range(top, top + height, STRIP_ROWS):
         y1 = min(y0 + STRIP_ROWS, top + height)
-        acc = np.zeros((y1 - y0, width))
+        acc = strip[: y1 - y0]
+        acc.fill(0.0)
         for a in range(patch):
             i0 = max(0, -(-(y0 - a) // stride))  # the tiles whose row a lands in [y0, y1)
             i1 = min(n_r, (y1 - 1 - a) // stride + 1)

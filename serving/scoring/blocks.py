@@ -170,8 +170,12 @@ class BlockJob:
     def patches(self) -> int:
         return len(self.index)
 
-    def chunks(self, size: int) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-        """(tile indices, before (n, C, P, P), after): each chunk cut only when asked for."""
+    def chunks(
+        self, size: int, buffers: Buffers | None = None
+    ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """(tile indices, before (n, C, P, P), after): each chunk cut only when asked for, into
+        arrays taken from ``buffers`` when given (to be given back once scored)."""
+        buffers = buffers or Buffers(keep=0)
         for start in range(0, len(self.index), size):
             part = self.index[start : start + size]
             rows, cols = part // self.n_cols, part % self.n_cols
@@ -180,7 +184,7 @@ class BlockJob:
             bounds = [0, *cuts.tolist(), len(part)]
             out = []
             for lattice in self.lattices:
-                buf = np.empty((len(part), *lattice.shape[2:]), lattice.dtype)
+                buf = buffers.take(size, lattice.shape[2:], lattice.dtype)[: len(part)]
                 for i, j in itertools.pairwise(bounds):
                     c = cols[i]
                     np.copyto(buf[i:j], lattice[rows[i], c : c + j - i])
@@ -220,28 +224,56 @@ def score_blocks(
     next block's first chunks are scored, so the model never waits for Python between blocks."""
     if in_flight < 1:
         raise ValueError(f"in_flight must be >= 1, got {in_flight}")
-    # (job, chunk indices, waiter); indices None marks the end of the job's chunks
-    pending: deque[tuple[BlockJob, np.ndarray | None, Callable[[], np.ndarray] | None]] = deque()
+    # (job, chunk indices, waiter, its arrays); indices None marks the end of the job's chunks
+    pending: deque[
+        tuple[BlockJob, np.ndarray | None, Callable[[], np.ndarray] | None, tuple[np.ndarray, ...]]
+    ] = deque()
+    buffers = Buffers(keep=2 * (in_flight + 1))
     busy = 0
 
     def settle(keep: int) -> Iterator[tuple[BlockJob, np.ndarray]]:
         nonlocal busy
         while pending and (busy > keep or pending[0][1] is None):
-            job, part, waiter = pending.popleft()
+            job, part, waiter, arrays = pending.popleft()
             if part is None or waiter is None:
                 yield job, job.finish()
             else:
-                job.fill(part, waiter())
+                job.fill(part, waiter())  # scored: the batcher reads its arrays no more
+                buffers.give(*arrays)
                 busy -= 1
 
     for job in jobs:
-        for part, before, after in job.chunks(chunk):
-            pending.append((job, part, submit(before, after)))
+        for part, before, after in job.chunks(chunk, buffers):
+            pending.append((job, part, submit(before, after), (before, after)))
             busy += 1
             yield from settle(in_flight - 1)
-        pending.append((job, None, None))
+        pending.append((job, None, None, ()))
         yield from settle(in_flight - 1)
     yield from settle(0)
+
+
+class Buffers:
+    """Patch arrays reused once their chunk is scored. A fresh array of a few megabytes is
+    mapped afresh by glibc (``serving/memory.py`` keeps block-sized arrays out of the heap) and
+    pays a page fault per 4 KiB on first touch: about as much as cutting the patches into it.
+    At most ``keep`` arrays wait here."""
+
+    def __init__(self, keep: int) -> None:
+        self.keep = keep
+        self.free: list[np.ndarray] = []
+
+    def take(self, size: int, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        """An array of (``size``, *``shape``) ``dtype``; slice it to the rows needed."""
+        for i, buf in enumerate(self.free):
+            if buf.shape == (size, *shape) and buf.dtype == dtype:
+                return self.free.pop(i)
+        return np.empty((size, *shape), dtype)
+
+    def give(self, *arrays: np.ndarray) -> None:
+        for a in arrays:
+            base = a if a.base is None else a.base  # a chunk is the first rows of one
+            if len(self.free) < self.keep and isinstance(base, np.ndarray):
+                self.free.append(base)
 
 
 def _shared(

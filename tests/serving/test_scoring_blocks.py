@@ -396,3 +396,41 @@ def test_score_blocks_pipelines_across_blocks_with_the_same_maps(in_flight: int)
     assert scorer.most_out == in_flight and scorer.out == 0
     with pytest.raises(ValueError, match="in_flight"):
         list(score_blocks(jobs(), scorer.submit, in_flight=0))
+
+
+class ReadsLateScorer(FakeScorer):
+    """Like the batcher: keeps the arrays it was handed (no copy) and reads them only when
+    waited on, so an array reused before its chunk was scored would change the map."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bases: list[int] = []
+
+    def submit(self, before: np.ndarray, after: np.ndarray) -> Callable[[], np.ndarray]:
+        self.bases.append(id(before.base if before.base is not None else before))
+        self.calls.append((before, after))
+        return lambda: self.probabilities(before, after)
+
+
+@pytest.mark.parametrize("in_flight", [1, 2, 3])
+def test_patch_arrays_are_reused_only_once_scored(in_flight: int) -> None:
+    h, w, patch, stride, size = 97, 83, 16, 4, 40
+    before, after = scene(h, w, seed=6)
+    valid = np.ones((h, w), bool)
+
+    def jobs() -> Iterator[BlockJob]:
+        for b in plan(h, w, size):
+            t = tiles_for(b, h, w, patch, stride)
+            rows, cols = t.read.toslices()
+            yield BlockJob(
+                b, before[rows, cols], after[rows, cols], valid[rows, cols], t, patch, stride
+            )
+
+    scorer = ReadsLateScorer()
+    out = np.full((h, w), -7.0, np.float32)
+    for job, prob in score_blocks(jobs(), scorer.submit, chunk=50, in_flight=in_flight):
+        b = job.block
+        out[b.row : b.row + b.height, b.col : b.col + b.width] = prob
+    np.testing.assert_array_equal(out, streamed(before, after, None, patch, stride, size, 50))
+    # reused: far fewer arrays than chunks (at most the in-flight ones and those waiting)
+    assert len(scorer.bases) > 20 and len(set(scorer.bases)) <= 2 * (in_flight + 1)
