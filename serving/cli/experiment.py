@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import shlex
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import click
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -16,6 +20,36 @@ def _ints(text: str) -> tuple[int, ...]:
         lo, _, hi = part.partition("-")
         out += range(int(lo), int(hi) + 1) if hi else [int(lo)]
     return tuple(out)
+
+
+def _where_and_how(work: str, work_help: str) -> Callable[[F], F]:
+    """--threads, --results and --work, shared by every experiment."""
+
+    def apply(f: F) -> F:
+        for option in reversed(
+            [
+                click.option(
+                    "--threads", type=int, default=2, show_default=True, help="torch CPU threads."
+                ),
+                click.option(
+                    "--results",
+                    type=click.Path(file_okay=False, path_type=Path),
+                    default=Path("docs/results"),
+                    show_default=True,
+                ),
+                click.option(
+                    "--work",
+                    type=click.Path(file_okay=False, path_type=Path),
+                    default=Path(work),
+                    show_default=True,
+                    help=work_help,
+                ),
+            ]
+        ):
+            f = option(f)
+        return f
+
+    return apply
 
 
 @click.group()
@@ -35,20 +69,7 @@ def experiment() -> None:
 @click.option("--pretrain-epochs", type=float, default=4.0, show_default=True)
 @click.option("--n-negative", type=int, default=100_000, show_default=True)
 @click.option("--n-test", type=int, default=50_000, show_default=True, help="Per class.")
-@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
-@click.option(
-    "--results",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("docs/results"),
-    show_default=True,
-)
-@click.option(
-    "--work",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs/table3"),
-    show_default=True,
-    help="Pre-training checkpoints.",
-)
+@_where_and_how("runs/table3", "Pre-training checkpoints.")
 @click.option(
     "--name",
     default="table3",
@@ -112,20 +133,7 @@ def table3(
     metavar="KEY=VALUE",
     help="An override for every cell, e.g. --set data.augment.copies=1 (a protocol of its own).",
 )
-@click.option("--threads", type=int, default=2, show_default=True, help="torch CPU threads.")
-@click.option(
-    "--results",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("docs/results"),
-    show_default=True,
-)
-@click.option(
-    "--work",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("runs/study"),
-    show_default=True,
-    help="Pre-training checkpoints per fold.",
-)
+@_where_and_how("runs/study", "Pre-training checkpoints per fold.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def scenes(
     preset: str,
