@@ -175,7 +175,6 @@ class BlockJob:
     ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
         """(tile indices, before (n, C, P, P), after): each chunk cut only when asked for, into
         arrays taken from ``buffers`` when given (to be given back once scored)."""
-        buffers = buffers or Buffers(keep=0)
         for start in range(0, len(self.index), size):
             part = self.index[start : start + size]
             rows, cols = part // self.n_cols, part % self.n_cols
@@ -184,7 +183,12 @@ class BlockJob:
             bounds = [0, *cuts.tolist(), len(part)]
             out = []
             for lattice in self.lattices:
-                buf = buffers.take(size, lattice.shape[2:], lattice.dtype)[: len(part)]
+                shape, n = lattice.shape[2:], len(part)
+                buf = (
+                    buffers.take(size, shape, lattice.dtype)[:n]
+                    if buffers is not None
+                    else np.empty((n, *shape), lattice.dtype)
+                )
                 for i, j in itertools.pairwise(bounds):
                     c = cols[i]
                     np.copyto(buf[i:j], lattice[rows[i], c : c + j - i])

@@ -238,7 +238,8 @@ class RasterPair:
             data = scaled.astype(self.dtype)
         elif np.issubdtype(data.dtype, np.floating):
             data = np.nan_to_num(data, copy=False)
-        return np.ascontiguousarray(data.transpose(1, 2, 0)), valid  # a view of `pixels` or so
+        # `pixels` itself unless rescaled (then one copy): transposing back is a no-op view
+        return np.ascontiguousarray(data.transpose(1, 2, 0)), valid
 
     def describe(self) -> dict[str, Any]:
         return {
