@@ -24,10 +24,7 @@ def find_regions(mask: np.ndarray, probability: np.ndarray, min_area_px: int = 0
     labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
     if count == 0:
         return []
-    index = np.arange(1, count + 1)
-    areas = np.bincount(labels.ravel(), minlength=count + 1)[1:]  # pixels, whatever mask holds
-    maxima = ndimage.maximum(probability, labels, index)
-    means = ndimage.mean(probability, labels, index)
+    areas, maxima, means = _label_stats(labels, count, probability)
     regions = []
     for i, box in enumerate(ndimage.find_objects(labels)):
         if areas[i] < max(min_area_px, 1):
@@ -45,3 +42,22 @@ def find_regions(mask: np.ndarray, probability: np.ndarray, min_area_px: int = 0
             )
         )
     return sorted(regions, key=lambda r: -r.area_px)
+
+
+def _label_stats(
+    labels: np.ndarray, count: int, probability: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(areas, maxima, means) of labels 1..count, from the labelled pixels only.
+
+    ``ndimage.maximum`` sorts every pixel of the image by label (3.2 ms for a 256x256 request with
+    one small region, a third of the service's own work per request); a change mask labels few
+    pixels, and these reductions cost what those pixels cost."""
+    flat = labels.ravel()
+    where = np.flatnonzero(flat)
+    label = flat[where]
+    values = probability.ravel()[where].astype(np.float64)
+    areas = np.bincount(label, minlength=count + 1)[1:]
+    sums = np.bincount(label, weights=values, minlength=count + 1)[1:]
+    maxima = np.full(count + 1, -np.inf)
+    np.maximum.at(maxima, label, values)
+    return areas, maxima[1:], sums / areas

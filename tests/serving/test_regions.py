@@ -98,3 +98,25 @@ def test_area_counts_pixels_for_a_0_255_mask() -> None:
     regions = find_regions(mask.astype(np.uint8) * 255, prob, min_area_px=6)
     assert [r.area_px for r in regions] == [12]
     assert regions == find_regions(mask, prob, min_area_px=6)
+
+
+def test_region_statistics_equal_ndimage_on_many_regions() -> None:
+    """The labelled-pixels-only reductions give what scipy's per-label statistics give."""
+    from scipy import ndimage
+
+    rng = np.random.default_rng(5)
+    prob = rng.random((64, 80)).astype(np.float32)
+    mask = prob > 0.6  # hundreds of regions, of every size
+    labels, count = ndimage.label(mask, structure=np.ones((3, 3), bool))
+    index = np.arange(1, count + 1)
+    regions = find_regions(mask, prob)
+    assert len(regions) == count > 100
+    by_box = {(r.row, r.col, r.height, r.width, r.area_px): r for r in regions}
+    assert len(by_box) == count  # no two regions share a box and an area here
+    maxima = ndimage.maximum(prob, labels, index)
+    means = ndimage.mean(prob, labels, index)
+    for i, (rows, cols) in enumerate(ndimage.find_objects(labels)):
+        area = int((labels == i + 1).sum())
+        key = (rows.start, cols.start, rows.stop - rows.start, cols.stop - cols.start, area)
+        assert by_box[key].max_probability == float(maxima[i])
+        assert by_box[key].mean_probability == pytest.approx(float(means[i]), rel=1e-12)
