@@ -210,8 +210,8 @@ def healthy(address: str, request: pb.DetectChangeRequest, tiles: int) -> tuple[
         except grpc.RpcError as err:
             return False, f"{err.code().name}: {err.details()}"
     serving = status.status == health_pb2.HealthCheckResponse.SERVING
-    if not serving or len(response.tiles) != tiles:
-        return False, f"health {status.status}, {len(response.tiles)} of {tiles} tiles"
+    if not serving or len(response.tiles.probability) != tiles:
+        return False, f"health {status.status}, {len(response.tiles.probability)} of {tiles} tiles"
     return True, "health SERVING, DetectChange OK"
 
 
@@ -269,8 +269,10 @@ def closed_loop(
                 while (t0 := time.perf_counter()) < t_end:
                     response = stub.DetectChange(request, timeout=deadline_s)
                     t1 = time.perf_counter()
-                    if len(response.tiles) != tiles:
-                        raise RuntimeError(f"{len(response.tiles)} tiles, expected {tiles}")
+                    if len(response.tiles.probability) != tiles:
+                        raise RuntimeError(
+                            f"{len(response.tiles.probability)} tiles, expected {tiles}"
+                        )
                     if t_start <= t1 < t_end:
                         with lock:
                             latencies.append(t1 - t0)
@@ -393,7 +395,7 @@ class OpenLoop:
         end = time.perf_counter()
         try:
             code = call.code().name
-            if code == "OK" and len(call.result().tiles) != self.tiles:
+            if code == "OK" and len(call.result().tiles.probability) != self.tiles:
                 code = "WRONG_RESULT"
         except Exception as exc:  # never lose an outcome to a bug here
             code = f"CLIENT_ERROR:{type(exc).__name__}"

@@ -180,7 +180,7 @@ def drive(
                     if t_start <= t1 < t_end:
                         with lock:
                             latencies.append(t1 - t0)
-                            patches += len(r.tiles)
+                            patches += len(r.tiles.probability)
                             for k in TIMINGS:
                                 timings[k] += getattr(r.timings, k)
         except BaseException as exc:  # reported below: a failed request invalidates the run

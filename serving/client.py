@@ -14,7 +14,7 @@ from collections import namedtuple
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -77,9 +77,28 @@ def _slices(data: bytes, n: int) -> Iterator[bytes]:
         yield bytes(view[i : i + n])
 
 
+class TileArrays(NamedTuple):
+    """The response's tiles as arrays, row-major over the tile lattice (see ``Tiles`` in the
+    .proto): tile i covers rows row[i]:row[i]+height[i], cols col[i]:col[i]+width[i]."""
+
+    row: np.ndarray
+    col: np.ndarray
+    height: np.ndarray
+    width: np.ndarray
+    probability: np.ndarray
+
+
 @dataclass
 class DetectResult:
     response: pb.DetectChangeResponse
+
+    @property
+    def tiles(self) -> TileArrays:
+        t = self.response.tiles
+        return TileArrays(
+            *(np.asarray(a, np.int64) for a in (t.row, t.col, t.height, t.width)),
+            np.asarray(t.probability, np.float32),
+        )
 
     @property
     def probability(self) -> np.ndarray:

@@ -24,19 +24,19 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$rarechange/v1/change_detection.proto\x12\rrarechange.v1\"L\n\x08RawArray\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12#\n\x05\x64type\x18\x03 \x01(\x0e\x32\x14.rarechange.v1.DType\"L\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x03raw\x18\x02 \x01(\x0b\x32\x17.rarechange.v1.RawArrayH\x00\x42\x08\n\x06source\"\xf1\x01\n\rDetectOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06stride\x18\x03 \x01(\r\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12&\n\x07outputs\x18\x05 \x03(\x0e\x32\x15.rarechange.v1.Output\x12@\n\x14probability_encoding\x18\x06 \x01(\x0e\x32\".rarechange.v1.ProbabilityEncoding\x12\x1a\n\x12min_region_area_px\x18\x07 \x01(\rB\x0c\n\n_threshold\"\xa3\x01\n\x13\x44\x65tectChangeRequest\x12$\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32\x14.rarechange.v1.Image\x12#\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32\x14.rarechange.v1.Image\x12-\n\x07options\x18\x03 \x01(\x0b\x32\x1c.rarechange.v1.DetectOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"C\n\x08PixelBox\x12\x0b\n\x03row\x18\x01 \x01(\r\x12\x0b\n\x03\x63ol\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\"L\n\x0fTileProbability\x12$\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x17.rarechange.v1.PixelBox\x12\x13\n\x0bprobability\x18\x02 \x01(\x02\"s\n\x0eProbabilityMap\x12\x34\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\".rarechange.v1.ProbabilityEncoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\"x\n\x0c\x43hangeRegion\x12$\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x17.rarechange.v1.PixelBox\x12\x0f\n\x07\x61rea_px\x18\x02 \x01(\x04\x12\x17\n\x0fmax_probability\x18\x03 \x01(\x02\x12\x18\n\x10mean_probability\x18\x04 \x01(\x02\"i\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x11\n\tstitch_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\x90\x03\n\x14\x44\x65tectChangeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x12\n\npatch_size\x18\x06 \x01(\r\x12\x0e\n\x06stride\x18\x07 \x01(\r\x12\x11\n\tthreshold\x18\x08 \x01(\x02\x12-\n\x05tiles\x18\t \x03(\x0b\x32\x1e.rarechange.v1.TileProbability\x12\x36\n\x0fprobability_map\x18\n \x01(\x0b\x32\x1d.rarechange.v1.ProbabilityMap\x12\x10\n\x08mask_png\x18\x0b \x01(\x0c\x12,\n\x07regions\x18\x0c \x03(\x0b\x32\x1b.rarechange.v1.ChangeRegion\x12\x18\n\x10\x63hanged_fraction\x18\r \x01(\x02\x12\'\n\x07timings\x18\x0e \x01(\x0b\x32\x16.rarechange.v1.Timings\"h\n\x0fImageDescriptor\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x08H\x00\x12&\n\x03raw\x18\x02 \x01(\x0b\x32\x17.rarechange.v1.RawArrayH\x00\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x42\x06\n\x04kind\"\xb0\x01\n\x0cStreamHeader\x12-\n\x07options\x18\x01 \x01(\x0b\x32\x1c.rarechange.v1.DetectOptions\x12.\n\x06\x62\x65\x66ore\x18\x02 \x01(\x0b\x32\x1e.rarechange.v1.ImageDescriptor\x12-\n\x05\x61\x66ter\x18\x03 \x01(\x0b\x32\x1e.rarechange.v1.ImageDescriptor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"y\n\x11\x44\x65tectChangeChunk\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.rarechange.v1.StreamHeaderH\x00\x12\x16\n\x0c\x62\x65\x66ore_chunk\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0b\x61\x66ter_chunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"\xec\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\npatch_size\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x12\n\nband_names\x18\x05 \x03(\t\x12\x13\n\x0binput_dtype\x18\x06 \x01(\t\x12\x1a\n\x12recommended_stride\x18\x07 \x01(\r\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x08 \x01(\x02\x12\x12\n\nis_default\x18\t \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x15\n\rmetadata_json\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.rarechange.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*T\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x10\n\x0c\x44TYPE_UINT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*s\n\x06Output\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x10\n\x0cOUTPUT_TILES\x10\x01\x12\x1a\n\x16OUTPUT_PROBABILITY_MAP\x10\x02\x12\x0f\n\x0bOUTPUT_MASK\x10\x03\x12\x12\n\x0eOUTPUT_REGIONS\x10\x04*\x80\x01\n\x13ProbabilityEncoding\x12$\n PROBABILITY_ENCODING_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROBABILITY_ENCODING_PNG8\x10\x01\x12$\n PROBABILITY_ENCODING_RAW_FLOAT16\x10\x02\x32\xe2\x02\n\x0f\x43hangeDetection\x12W\n\x0c\x44\x65tectChange\x12\".rarechange.v1.DetectChangeRequest\x1a#.rarechange.v1.DetectChangeResponse\x12]\n\x12\x44\x65tectChangeStream\x12 .rarechange.v1.DetectChangeChunk\x1a#.rarechange.v1.DetectChangeResponse(\x01\x12Q\n\nListModels\x12 .rarechange.v1.ListModelsRequest\x1a!.rarechange.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.rarechange.v1.GetModelRequest\x1a\x18.rarechange.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n$rarechange/v1/change_detection.proto\x12\rrarechange.v1\"L\n\x08RawArray\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\r\n\x05shape\x18\x02 \x03(\x03\x12#\n\x05\x64type\x18\x03 \x01(\x0e\x32\x14.rarechange.v1.DType\"L\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12&\n\x03raw\x18\x02 \x01(\x0b\x32\x17.rarechange.v1.RawArrayH\x00\x42\x08\n\x06source\"\xf1\x01\n\rDetectOptions\x12\r\n\x05model\x18\x01 \x01(\t\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x0e\n\x06stride\x18\x03 \x01(\r\x12\x16\n\tthreshold\x18\x04 \x01(\x02H\x00\x88\x01\x01\x12&\n\x07outputs\x18\x05 \x03(\x0e\x32\x15.rarechange.v1.Output\x12@\n\x14probability_encoding\x18\x06 \x01(\x0e\x32\".rarechange.v1.ProbabilityEncoding\x12\x1a\n\x12min_region_area_px\x18\x07 \x01(\rB\x0c\n\n_threshold\"\xa3\x01\n\x13\x44\x65tectChangeRequest\x12$\n\x06\x62\x65\x66ore\x18\x01 \x01(\x0b\x32\x14.rarechange.v1.Image\x12#\n\x05\x61\x66ter\x18\x02 \x01(\x0b\x32\x14.rarechange.v1.Image\x12-\n\x07options\x18\x03 \x01(\x0b\x32\x1c.rarechange.v1.DetectOptions\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"C\n\x08PixelBox\x12\x0b\n\x03row\x18\x01 \x01(\r\x12\x0b\n\x03\x63ol\x18\x02 \x01(\r\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\"U\n\x05Tiles\x12\x0b\n\x03row\x18\x01 \x03(\r\x12\x0b\n\x03\x63ol\x18\x02 \x03(\r\x12\x0e\n\x06height\x18\x03 \x03(\r\x12\r\n\x05width\x18\x04 \x03(\r\x12\x13\n\x0bprobability\x18\x05 \x03(\x02\"s\n\x0eProbabilityMap\x12\x34\n\x08\x65ncoding\x18\x01 \x01(\x0e\x32\".rarechange.v1.ProbabilityEncoding\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\x12\x0e\n\x06height\x18\x03 \x01(\r\x12\r\n\x05width\x18\x04 \x01(\r\"x\n\x0c\x43hangeRegion\x12$\n\x03\x62ox\x18\x01 \x01(\x0b\x32\x17.rarechange.v1.PixelBox\x12\x0f\n\x07\x61rea_px\x18\x02 \x01(\x04\x12\x17\n\x0fmax_probability\x18\x03 \x01(\x02\x12\x18\n\x10mean_probability\x18\x04 \x01(\x02\"i\n\x07Timings\x12\x11\n\tdecode_ms\x18\x01 \x01(\x01\x12\x10\n\x08queue_ms\x18\x02 \x01(\x01\x12\x14\n\x0cinference_ms\x18\x03 \x01(\x01\x12\x11\n\tstitch_ms\x18\x04 \x01(\x01\x12\x10\n\x08total_ms\x18\x05 \x01(\x01\"\x8c\x03\n\x14\x44\x65tectChangeResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x12\n\npatch_size\x18\x06 \x01(\r\x12\x0e\n\x06stride\x18\x07 \x01(\r\x12\x11\n\tthreshold\x18\x08 \x01(\x02\x12#\n\x05tiles\x18\x0f \x01(\x0b\x32\x14.rarechange.v1.Tiles\x12\x36\n\x0fprobability_map\x18\n \x01(\x0b\x32\x1d.rarechange.v1.ProbabilityMap\x12\x10\n\x08mask_png\x18\x0b \x01(\x0c\x12,\n\x07regions\x18\x0c \x03(\x0b\x32\x1b.rarechange.v1.ChangeRegion\x12\x18\n\x10\x63hanged_fraction\x18\r \x01(\x02\x12\'\n\x07timings\x18\x0e \x01(\x0b\x32\x16.rarechange.v1.TimingsJ\x04\x08\t\x10\n\"h\n\x0fImageDescriptor\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x08H\x00\x12&\n\x03raw\x18\x02 \x01(\x0b\x32\x17.rarechange.v1.RawArrayH\x00\x12\x12\n\nsize_bytes\x18\x03 \x01(\x04\x42\x06\n\x04kind\"\xb0\x01\n\x0cStreamHeader\x12-\n\x07options\x18\x01 \x01(\x0b\x32\x1c.rarechange.v1.DetectOptions\x12.\n\x06\x62\x65\x66ore\x18\x02 \x01(\x0b\x32\x1e.rarechange.v1.ImageDescriptor\x12-\n\x05\x61\x66ter\x18\x03 \x01(\x0b\x32\x1e.rarechange.v1.ImageDescriptor\x12\x12\n\nrequest_id\x18\x04 \x01(\t\"y\n\x11\x44\x65tectChangeChunk\x12-\n\x06header\x18\x01 \x01(\x0b\x32\x1b.rarechange.v1.StreamHeaderH\x00\x12\x16\n\x0c\x62\x65\x66ore_chunk\x18\x02 \x01(\x0cH\x00\x12\x15\n\x0b\x61\x66ter_chunk\x18\x03 \x01(\x0cH\x00\x42\x06\n\x04part\"\xec\x01\n\tModelInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x12\n\npatch_size\x18\x03 \x01(\r\x12\x10\n\x08\x63hannels\x18\x04 \x01(\r\x12\x12\n\nband_names\x18\x05 \x03(\t\x12\x13\n\x0binput_dtype\x18\x06 \x01(\t\x12\x1a\n\x12recommended_stride\x18\x07 \x01(\r\x12\x19\n\x11\x64\x65\x66\x61ult_threshold\x18\x08 \x01(\x02\x12\x12\n\nis_default\x18\t \x01(\x08\x12\x0f\n\x07\x62\x61\x63kend\x18\n \x01(\t\x12\x15\n\rmetadata_json\x18\x0b \x01(\t\"\x13\n\x11ListModelsRequest\">\n\x12ListModelsResponse\x12(\n\x06models\x18\x01 \x03(\x0b\x32\x18.rarechange.v1.ModelInfo\"\x1f\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t*T\n\x05\x44Type\x12\x15\n\x11\x44TYPE_UNSPECIFIED\x10\x00\x12\x0f\n\x0b\x44TYPE_UINT8\x10\x01\x12\x10\n\x0c\x44TYPE_UINT16\x10\x02\x12\x11\n\rDTYPE_FLOAT32\x10\x03*s\n\x06Output\x12\x16\n\x12OUTPUT_UNSPECIFIED\x10\x00\x12\x10\n\x0cOUTPUT_TILES\x10\x01\x12\x1a\n\x16OUTPUT_PROBABILITY_MAP\x10\x02\x12\x0f\n\x0bOUTPUT_MASK\x10\x03\x12\x12\n\x0eOUTPUT_REGIONS\x10\x04*\x80\x01\n\x13ProbabilityEncoding\x12$\n PROBABILITY_ENCODING_UNSPECIFIED\x10\x00\x12\x1d\n\x19PROBABILITY_ENCODING_PNG8\x10\x01\x12$\n PROBABILITY_ENCODING_RAW_FLOAT16\x10\x02\x32\xe2\x02\n\x0f\x43hangeDetection\x12W\n\x0c\x44\x65tectChange\x12\".rarechange.v1.DetectChangeRequest\x1a#.rarechange.v1.DetectChangeResponse\x12]\n\x12\x44\x65tectChangeStream\x12 .rarechange.v1.DetectChangeChunk\x1a#.rarechange.v1.DetectChangeResponse(\x01\x12Q\n\nListModels\x12 .rarechange.v1.ListModelsRequest\x1a!.rarechange.v1.ListModelsResponse\x12\x44\n\x08GetModel\x12\x1e.rarechange.v1.GetModelRequest\x1a\x18.rarechange.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'rarechange.v1.change_detection_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_DTYPE']._serialized_start=2282
-  _globals['_DTYPE']._serialized_end=2366
-  _globals['_OUTPUT']._serialized_start=2368
-  _globals['_OUTPUT']._serialized_end=2483
-  _globals['_PROBABILITYENCODING']._serialized_start=2486
-  _globals['_PROBABILITYENCODING']._serialized_end=2614
+  _globals['_DTYPE']._serialized_start=2287
+  _globals['_DTYPE']._serialized_end=2371
+  _globals['_OUTPUT']._serialized_start=2373
+  _globals['_OUTPUT']._serialized_end=2488
+  _globals['_PROBABILITYENCODING']._serialized_start=2491
+  _globals['_PROBABILITYENCODING']._serialized_end=2619
   _globals['_RAWARRAY']._serialized_start=55
   _globals['_RAWARRAY']._serialized_end=131
   _globals['_IMAGE']._serialized_start=133
@@ -47,30 +47,30 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DETECTCHANGEREQUEST']._serialized_end=619
   _globals['_PIXELBOX']._serialized_start=621
   _globals['_PIXELBOX']._serialized_end=688
-  _globals['_TILEPROBABILITY']._serialized_start=690
-  _globals['_TILEPROBABILITY']._serialized_end=766
-  _globals['_PROBABILITYMAP']._serialized_start=768
-  _globals['_PROBABILITYMAP']._serialized_end=883
-  _globals['_CHANGEREGION']._serialized_start=885
-  _globals['_CHANGEREGION']._serialized_end=1005
-  _globals['_TIMINGS']._serialized_start=1007
-  _globals['_TIMINGS']._serialized_end=1112
-  _globals['_DETECTCHANGERESPONSE']._serialized_start=1115
-  _globals['_DETECTCHANGERESPONSE']._serialized_end=1515
-  _globals['_IMAGEDESCRIPTOR']._serialized_start=1517
-  _globals['_IMAGEDESCRIPTOR']._serialized_end=1621
-  _globals['_STREAMHEADER']._serialized_start=1624
-  _globals['_STREAMHEADER']._serialized_end=1800
-  _globals['_DETECTCHANGECHUNK']._serialized_start=1802
-  _globals['_DETECTCHANGECHUNK']._serialized_end=1923
-  _globals['_MODELINFO']._serialized_start=1926
-  _globals['_MODELINFO']._serialized_end=2162
-  _globals['_LISTMODELSREQUEST']._serialized_start=2164
-  _globals['_LISTMODELSREQUEST']._serialized_end=2183
-  _globals['_LISTMODELSRESPONSE']._serialized_start=2185
-  _globals['_LISTMODELSRESPONSE']._serialized_end=2247
-  _globals['_GETMODELREQUEST']._serialized_start=2249
-  _globals['_GETMODELREQUEST']._serialized_end=2280
-  _globals['_CHANGEDETECTION']._serialized_start=2617
-  _globals['_CHANGEDETECTION']._serialized_end=2971
+  _globals['_TILES']._serialized_start=690
+  _globals['_TILES']._serialized_end=775
+  _globals['_PROBABILITYMAP']._serialized_start=777
+  _globals['_PROBABILITYMAP']._serialized_end=892
+  _globals['_CHANGEREGION']._serialized_start=894
+  _globals['_CHANGEREGION']._serialized_end=1014
+  _globals['_TIMINGS']._serialized_start=1016
+  _globals['_TIMINGS']._serialized_end=1121
+  _globals['_DETECTCHANGERESPONSE']._serialized_start=1124
+  _globals['_DETECTCHANGERESPONSE']._serialized_end=1520
+  _globals['_IMAGEDESCRIPTOR']._serialized_start=1522
+  _globals['_IMAGEDESCRIPTOR']._serialized_end=1626
+  _globals['_STREAMHEADER']._serialized_start=1629
+  _globals['_STREAMHEADER']._serialized_end=1805
+  _globals['_DETECTCHANGECHUNK']._serialized_start=1807
+  _globals['_DETECTCHANGECHUNK']._serialized_end=1928
+  _globals['_MODELINFO']._serialized_start=1931
+  _globals['_MODELINFO']._serialized_end=2167
+  _globals['_LISTMODELSREQUEST']._serialized_start=2169
+  _globals['_LISTMODELSREQUEST']._serialized_end=2188
+  _globals['_LISTMODELSRESPONSE']._serialized_start=2190
+  _globals['_LISTMODELSRESPONSE']._serialized_end=2252
+  _globals['_GETMODELREQUEST']._serialized_start=2254
+  _globals['_GETMODELREQUEST']._serialized_end=2285
+  _globals['_CHANGEDETECTION']._serialized_start=2622
+  _globals['_CHANGEDETECTION']._serialized_end=2976
 # @@protoc_insertion_point(module_scope)

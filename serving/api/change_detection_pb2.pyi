@@ -100,13 +100,19 @@ class PixelBox(_message.Message):
     width: int
     def __init__(self, row: _Optional[int] = ..., col: _Optional[int] = ..., height: _Optional[int] = ..., width: _Optional[int] = ...) -> None: ...
 
-class TileProbability(_message.Message):
-    __slots__ = ("box", "probability")
-    BOX_FIELD_NUMBER: _ClassVar[int]
+class Tiles(_message.Message):
+    __slots__ = ("row", "col", "height", "width", "probability")
+    ROW_FIELD_NUMBER: _ClassVar[int]
+    COL_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_FIELD_NUMBER: _ClassVar[int]
-    box: PixelBox
-    probability: float
-    def __init__(self, box: _Optional[_Union[PixelBox, _Mapping]] = ..., probability: _Optional[float] = ...) -> None: ...
+    row: _containers.RepeatedScalarFieldContainer[int]
+    col: _containers.RepeatedScalarFieldContainer[int]
+    height: _containers.RepeatedScalarFieldContainer[int]
+    width: _containers.RepeatedScalarFieldContainer[int]
+    probability: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, row: _Optional[_Iterable[int]] = ..., col: _Optional[_Iterable[int]] = ..., height: _Optional[_Iterable[int]] = ..., width: _Optional[_Iterable[int]] = ..., probability: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ProbabilityMap(_message.Message):
     __slots__ = ("encoding", "data", "height", "width")
@@ -170,13 +176,13 @@ class DetectChangeResponse(_message.Message):
     patch_size: int
     stride: int
     threshold: float
-    tiles: _containers.RepeatedCompositeFieldContainer[TileProbability]
+    tiles: Tiles
     probability_map: ProbabilityMap
     mask_png: bytes
     regions: _containers.RepeatedCompositeFieldContainer[ChangeRegion]
     changed_fraction: float
     timings: Timings
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., patch_size: _Optional[int] = ..., stride: _Optional[int] = ..., threshold: _Optional[float] = ..., tiles: _Optional[_Iterable[_Union[TileProbability, _Mapping]]] = ..., probability_map: _Optional[_Union[ProbabilityMap, _Mapping]] = ..., mask_png: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[ChangeRegion, _Mapping]]] = ..., changed_fraction: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., patch_size: _Optional[int] = ..., stride: _Optional[int] = ..., threshold: _Optional[float] = ..., tiles: _Optional[_Union[Tiles, _Mapping]] = ..., probability_map: _Optional[_Union[ProbabilityMap, _Mapping]] = ..., mask_png: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[ChangeRegion, _Mapping]]] = ..., changed_fraction: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class ImageDescriptor(_message.Message):
     __slots__ = ("encoded", "raw", "size_bytes")

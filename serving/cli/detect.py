@@ -105,7 +105,7 @@ def summary(result: DetectResult) -> dict[str, object]:
         "threshold": round(r.threshold, 4),
         "changed_fraction": round(r.changed_fraction, 5),
         "regions": len(r.regions),
-        "tiles": len(r.tiles),
+        "tiles": len(r.tiles.probability),
         "timings_ms": {
             k: round(v, 1)
             for k, v in (

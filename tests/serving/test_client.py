@@ -55,7 +55,7 @@ def test_stream_passes_the_options(client: ChangeDetectionClient, pair) -> None:
         pair.before, pair.after, stride=16, threshold=1.0, outputs=[pb.OUTPUT_MASK]
     ).response
     assert r.stride == 16 and r.threshold == 1.0 and r.changed_fraction == 0.0
-    assert r.mask_png and not r.tiles and not r.regions
+    assert r.mask_png and not r.HasField("tiles") and not r.regions
     with pytest.raises(ValueError, match="chunk_bytes"):
         client.detect_stream(pair.before, pair.after, chunk_bytes=0)
     with pytest.raises(grpc.RpcError) as err:

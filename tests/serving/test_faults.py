@@ -171,7 +171,7 @@ def test_sigterm_under_load_loses_no_admitted_request(tmp_path: Path) -> None:
                 try:
                     response = stub.DetectChange(request, timeout=grace)
                     code, details = grpc.StatusCode.OK, ""
-                    if len(response.tiles) != tiles or response.height != size:
+                    if len(response.tiles.probability) != tiles or response.height != size:
                         code, details = grpc.StatusCode.DATA_LOSS, "incomplete result"
                 except grpc.RpcError as err:
                     code, details = err.code(), err.details() or ""
@@ -291,7 +291,7 @@ def test_a_backend_failing_one_batch_fails_only_that_batchs_requests(flaky_serve
             first.result()
         assert err.value.code() == grpc.StatusCode.INTERNAL
         assert "injected" not in err.value.details()  # internals never reach clients
-        assert len(second.result().tiles) == n
+        assert len(second.result().tiles.probability) == n
         assert backend.calls == [[1], [2]]
 
         # 2. batch 3 holds requests 4 and 5 and fails once: each is retried alone and served
@@ -303,11 +303,11 @@ def test_a_backend_failing_one_batch_fails_only_that_batchs_requests(flaky_serve
             shared.append(stub.DetectChange.future(request(k), timeout=WAIT))
             wait_for(lambda k=k: batcher.queued_patches == (k - 3) * n, f"request {k} queued")
         backend.release[2].set()
-        assert [len(c.result().tiles) for c in (third, *shared)] == [n, n, n]
+        assert [len(c.result().tiles.probability) for c in (third, *shared)] == [n, n, n]
         assert backend.calls[2:] == [[3], [4, 5], [4], [5]]
 
         # 3. the server goes on
-        assert len(stub.DetectChange(request(6), timeout=WAIT).tiles) == n
+        assert len(stub.DetectChange(request(6), timeout=WAIT).tiles.probability) == n
     assert health(server.address) == SERVING
     registry = server.metrics.registry
     by_code = {
@@ -364,7 +364,7 @@ def test_triton_going_away_under_load_is_unavailable_then_recovers(tmp_path: Pat
                     response = stub.DetectChange(request, timeout=WAIT)
                     code, details = grpc.StatusCode.OK, ""
                     with lock:
-                        results.append([t.probability for t in response.tiles])
+                        results.append(list(response.tiles.probability))
                 except grpc.RpcError as err:
                     code, details = err.code(), err.details() or ""
                 with lock:

@@ -410,7 +410,7 @@ def _check_response(
     wanted = set(request.options.outputs) or {1, 2, 3, 4}
     if pb.OUTPUT_TILES in wanted:
         stride = response.stride
-        assert len(response.tiles) == _patches(h, stride) * _patches(w, stride)
+        assert len(response.tiles.probability) == _patches(h, stride) * _patches(w, stride)
     if pb.OUTPUT_PROBABILITY_MAP in wanted:
         prob = response.probability_map
         if prob.encoding == pb.PROBABILITY_ENCODING_RAW_FLOAT16:

@@ -134,7 +134,9 @@ def test_health_is_not_serving_until_every_instance_is_warm(make_server) -> None
         assert call.result().height == 64
     # each instance ran one full batch of zero patches before anything else
     assert slow.calls[0] == (16, True) and other.calls[0] == (16, True)
-    assert sum(n for n, _ in slow.calls[1:] + other.calls[1:]) == len(call.result().tiles)
+    assert sum(n for n, _ in slow.calls[1:] + other.calls[1:]) == len(
+        call.result().tiles.probability
+    )
 
 
 def test_no_warm_up_when_disabled(make_server) -> None:
@@ -260,7 +262,7 @@ def test_sigterm_lets_calls_in_flight_finish(tmp_path: Path, metadata: ModelMeta
                 results = [c.result(timeout=grace) for c in calls]
             assert [r.response.height for r in results] == [512] * n
             tiles = len(grid(512, 512, metadata.patch_size, metadata.recommended_stride))
-            assert all(len(r.response.tiles) == tiles for r in results)
+            assert all(len(r.response.tiles.probability) == tiles for r in results)
             assert proc.wait(timeout=grace) == 0, (tmp_path / "stderr.txt").read_text()
         finally:
             if proc.poll() is None:

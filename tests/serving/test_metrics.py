@@ -53,7 +53,7 @@ def test_requests_batches_and_models_are_counted(start_server, pair) -> None:
     with ChangeDetectionClient(server.address) as client:
         default = next(m.name for m in client.list_models() if m.is_default)
         for stride in (0, 16, 32):
-            tiles += len(client.detect(pair.before, pair.after, stride=stride).response.tiles)
+            tiles += len(client.detect(pair.before, pair.after, stride=stride).tiles.probability)
         for _ in range(2):
             with pytest.raises(grpc.RpcError) as err:
                 client.detect(pair.before, pair.after, model="no-such-model")
@@ -123,7 +123,7 @@ def test_a_stream_is_counted_under_the_model_its_header_names(start_server, pair
     assert r.model == name
     s = scrape(server.metrics_port)
     assert value(s, "rarechange_requests_total", model=name, code="OK") == 1
-    assert value(s, "rarechange_patches_total", model=name) == len(r.tiles)
+    assert value(s, "rarechange_patches_total", model=name) == len(r.tiles.probability)
 
 
 def test_servers_in_one_process_keep_their_own_counts(start_server, pair) -> None:

@@ -65,10 +65,12 @@ def test_detect_change_returns_every_output(client: ChangeDetectionClient, pair)
     assert r.model and r.model_version and r.request_id
     assert result.probability.shape == (200, 300)
     assert result.mask.shape == (200, 300)
-    assert len(r.tiles) == len(grid(200, 300, r.patch_size, r.stride))
-    for tile in r.tiles:
-        assert 0 <= tile.box.row < 200 and 0 <= tile.box.col < 300
-        assert 0.0 <= tile.probability <= 1.0
+    tiles = result.tiles
+    want = grid(200, 300, r.patch_size, r.stride)
+    assert len(tiles.probability) == len(want)
+    boxes = np.stack([tiles.row, tiles.col, tiles.height, tiles.width], axis=1).tolist()
+    assert boxes == [list(t.clipped(200, 300)) for t in want]  # row-major, clipped to the image
+    assert ((tiles.probability >= 0) & (tiles.probability <= 1)).all()
     assert r.changed_fraction == pytest.approx(result.mask.mean(), abs=1e-6)
     assert sum(reg.area_px for reg in r.regions) == result.mask.sum()
     t = r.timings
@@ -87,13 +89,13 @@ def test_raw_arrays_give_the_same_result_as_png(client: ChangeDetectionClient, p
 
 def test_outputs_can_be_selected(client: ChangeDetectionClient, pair) -> None:
     r = client.detect(pair.before, pair.after, outputs=[pb.OUTPUT_MASK]).response
-    assert r.mask_png and not r.tiles and not r.probability_map.data and not r.regions
+    assert r.mask_png and not r.HasField("tiles") and not r.probability_map.data and not r.regions
 
 
 def test_options_stride_and_threshold(client: ChangeDetectionClient, pair) -> None:
     r = client.detect(pair.before, pair.after, stride=16, threshold=1.0).response
     assert r.stride == 16 and r.threshold == 1.0
-    assert len(r.tiles) == len(grid(200, 300, r.patch_size, 16))
+    assert len(r.tiles.probability) == len(grid(200, 300, r.patch_size, 16))
     everything = client.detect(pair.before, pair.after, threshold=0.0).response
     assert everything.changed_fraction == 1.0
 

@@ -288,8 +288,8 @@ def test_detect_change_on_triton_equals_onnxruntime(servers, triton: FakeTriton,
     assert info.backend == "triton"
     response, probability = detect(on_triton.address, pair)
     reference, want = detect(in_process.address, pair)
-    assert [t.probability for t in response.tiles] == pytest.approx(
-        [t.probability for t in reference.tiles], abs=1e-6
+    assert list(response.tiles.probability) == pytest.approx(
+        list(reference.tiles.probability), abs=1e-6
     )
     np.testing.assert_allclose(probability, want, rtol=0, atol=1e-3)
     assert want.max() > 0.9 and response.changed_fraction == reference.changed_fraction
