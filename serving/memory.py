@@ -1,4 +1,4 @@
-"""glibc's malloc, tuned for the batch path so that its memory stays flat in the scene's size.
+"""glibc's malloc, tuned per path: flat memory for batch scoring, no page faults for the server.
 
 Two habits of glibc made a 16k x 16k scene peak well above a 1k one (bench/score_geotiff.py):
 
@@ -16,8 +16,16 @@ Two habits of glibc made a 16k x 16k scene peak well above a 1k one (bench/score
   5 % of throughput at stride 8 against a 2 MiB threshold, which measured 1k -> 16k growth of
   +8.7 % instead of +6.3 % (docs/benchmarks_notes.md).
 
-:func:`tune_malloc` applies both to the running process (call it before the threads start and
-before the big allocations); a value the environment sets wins.
+The server wants the other side of that trade. Its arrays are sized by the request, not by a
+scene (7.5 MB of patch pairs for a 256x256 pair at stride 8, a few more of maps and buffers), and
+a request's page faults are CPU taken from inference on the same cores: untuned, a 256x256
+request faulted about 1,200 times (4.7 MB of pages), and cutting its patches cost 2.9 ms of CPU
+instead of 1.6 (bench/serve_throughput.py's request, 16 clients). :data:`SERVING` keeps arrays up
+to 32 MB in the heap and up to 128 MB of freed heap mapped, so that requests reuse the pages of
+the requests before them; larger arrays (a streamed 16k pair) are still mmapped and given back.
+
+:func:`tune_malloc` applies a setting to the running process (call it before the threads start
+and before the big allocations); a value the environment sets wins.
 """
 
 from __future__ import annotations
@@ -27,23 +35,36 @@ import ctypes.util
 import os
 from collections.abc import Callable
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameters
+M_TRIM_THRESHOLD = -1  # glibc's mallopt parameters
+M_MMAP_THRESHOLD = -3
 M_ARENA_MAX = -8
 MMAP_THRESHOLD = 256 * 1024
+SERVING = {"arenas": 2, "mmap_threshold": 32 * 1024 * 1024, "trim_threshold": 128 * 1024 * 1024}
+"""The server's setting (see above), for ``tune_malloc(**SERVING)``."""
+
+_PARAMETERS = {  # name -> (mallopt parameter, environment variable that wins)
+    "arenas": (M_ARENA_MAX, "MALLOC_ARENA_MAX"),
+    "mmap_threshold": (M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_"),
+    "trim_threshold": (M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_"),
+}
 
 
-def tune_malloc(arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD) -> dict[str, bool]:
-    """Cap the arenas and fix the mmap threshold, each unless its environment variable
-    (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``) is set; says which were set here.
-    Nothing is set without glibc."""
+def tune_malloc(
+    arenas: int = 2, mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int | None = None
+) -> dict[str, bool]:
+    """Cap the arenas, fix the mmap threshold and (if given) the trim threshold, each unless its
+    environment variable (``MALLOC_ARENA_MAX``, ``MALLOC_MMAP_THRESHOLD_``,
+    ``MALLOC_TRIM_THRESHOLD_``) is set; says which were set here. Nothing is set without glibc.
+    The defaults are the batch path's."""
+    values = {"arenas": arenas, "mmap_threshold": mmap_threshold, "trim_threshold": trim_threshold}
+    done = {name: False for name, value in values.items() if value is not None}
     mallopt = _mallopt()
-    done = {"arenas": False, "mmap_threshold": False}
     if mallopt is None:
         return done
-    if not os.environ.get("MALLOC_ARENA_MAX"):
-        done["arenas"] = bool(mallopt(M_ARENA_MAX, arenas))
-    if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
-        done["mmap_threshold"] = bool(mallopt(M_MMAP_THRESHOLD, mmap_threshold))
+    for name in done:
+        parameter, variable = _PARAMETERS[name]
+        if not os.environ.get(variable):
+            done[name] = bool(mallopt(parameter, values[name]))
     return done
 
 

@@ -239,7 +239,7 @@ def _lattice(
     return rows, cols
 
 
-STRIP_ROWS = 128  # rows of the float64 row pass of stitch_region at a time
+STRIP_PIXELS = 1 << 17  # pixels of the float64 row pass of stitch_region at a time (1 MB)
 
 
 def stitch_region(
@@ -276,15 +276,17 @@ def stitch_region(
         col_weight[lane] += w[b]
     half = half[:, left : left + width] / col_weight[left : left + width]
     # along rows: out[y, x] = sum_i half[i, x] w[y - row_i] / sum_i w[y - row_i], in strips of
-    # STRIP_ROWS output rows: a float64 sum of the whole region would be twice the float32 map
-    # (9 MB for a 1024-pixel block); each pixel still adds the same terms in the same order
+    # STRIP_PIXELS: a float64 sum of the whole region would be twice the float32 map (9 MB for a
+    # 1024-pixel block), and each strip costs P strided adds whatever its height (a 256x256
+    # request is one strip); each pixel still adds the same terms in the same order
     row_weight = np.zeros((n_r - 1) * stride + patch)
     for a in range(patch):
         row_weight[a : a + (n_r - 1) * stride + 1 : stride] += w[a]
     out = np.empty((height, width), np.float32)
-    strip = np.empty((min(STRIP_ROWS, height), width))  # reused: one allocation, not one a strip
-    for y0 in range(top, top + height, STRIP_ROWS):
-        y1 = min(y0 + STRIP_ROWS, top + height)
+    strip_rows = max(1, STRIP_PIXELS // width)
+    strip = np.empty((min(strip_rows, height), width))  # reused: one allocation, not one a strip
+    for y0 in range(top, top + height, strip_rows):
+        y1 = min(y0 + strip_rows, top + height)
         acc = strip[: y1 - y0]
         acc.fill(0.0)
         for a in range(patch):

@@ -91,6 +91,7 @@ def serve(**overrides: object) -> None:
 
     from serving.config import ServerSettings
     from serving.errors import RareChangeError
+    from serving.memory import SERVING, tune_malloc
     from serving.server import serve as run
 
     try:
@@ -100,6 +101,7 @@ def serve(**overrides: object) -> None:
             f"{'.'.join(str(p) for p in e['loc']) or 'settings'}: {e['msg']}" for e in exc.errors()
         )
         raise click.UsageError(f"invalid settings: {problems}") from exc
+    tune_malloc(**SERVING)  # requests reuse their predecessors' pages (serving/memory.py)
     try:
         run(settings)
     except (RareChangeError, OSError) as exc:

@@ -1,4 +1,5 @@
-"""serving.memory: glibc's malloc tuned for the batch path, unless the environment says."""
+"""serving.memory: glibc's malloc tuned for the batch path and the server, unless the environment
+says."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ print(json.dumps({"set": done, "mmapped": libc.mallinfo2().hblkhd - held >= (1 <
 
 
 def probe(mode: str, **env: str) -> dict:
-    keep = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_")
+    keep = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
     clean = {k: v for k, v in os.environ.items() if k not in keep}
     done = subprocess.run(
         [sys.executable, "-c", "import ctypes.util\n" + PROBE, mode],
@@ -63,3 +64,57 @@ def test_the_environment_wins() -> None:
     set_by_env = probe("tune", MALLOC_MMAP_THRESHOLD_="262144")
     assert set_by_env["set"] == {"arenas": True, "mmap_threshold": False}
     assert set_by_env["mmapped"] is True  # glibc read the variable itself
+
+
+# request-sized arrays, allocated, written and freed four times: how many page faults does each
+# round after the first take, and is an array past the server's threshold still mmapped?
+FAULTS = """
+import ctypes, json, resource, sys
+import numpy as np
+from serving.memory import SERVING, tune_malloc
+
+class Info(ctypes.Structure):
+    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
+    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
+
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+libc.mallinfo2.restype = Info
+done = tune_malloc(**SERVING) if sys.argv[1] == "serving" else tune_malloc()
+faults = []
+for _ in range(4):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    a, b = np.ones(4 << 20, np.uint8), np.ones(4 << 20, np.uint8)  # a request's patch pairs
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    del a, b
+held = libc.mallinfo2().hblkhd
+huge = np.ones(40 << 20, np.uint8)
+print(json.dumps({"set": done, "faults": faults, "huge_mmapped": libc.mallinfo2().hblkhd > held}))
+"""
+
+
+def faults(mode: str, **env: str) -> dict:
+    keep = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+    clean = {k: v for k, v in os.environ.items() if k not in keep}
+    done = subprocess.run(
+        [sys.executable, "-c", "import ctypes.util\n" + FAULTS, mode],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout)
+
+
+def test_the_server_setting_reuses_request_sized_pages() -> None:
+    if not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"):
+        pytest.skip("mallinfo2 needs glibc 2.33")
+    pages = (8 << 20) // 4096
+    batch = faults("batch")  # the batch path's setting: every round maps and faults afresh
+    assert all(f > pages // 2 for f in batch["faults"]), batch
+    served = faults("serving")
+    assert served["set"] == {"arenas": True, "mmap_threshold": True, "trim_threshold": True}
+    assert all(f < pages // 20 for f in served["faults"][1:]), served  # the same pages again
+    assert served["huge_mmapped"]  # past 32 MB, still given back when freed
+    by_env = faults("serving", MALLOC_TRIM_THRESHOLD_="0")
+    assert by_env["set"]["trim_threshold"] is False  # the environment wins
+    assert all(f > pages // 2 for f in by_env["faults"][1:]), by_env  # and trims every round
