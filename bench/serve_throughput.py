@@ -408,13 +408,31 @@ def main() -> None:
     s16 = service.get(args.batch1_concurrency)
     if s16 is not None:
         print()
-        ratio = med(s16.rates) / med(alone.rates)
+        ratios = bracketed(s16.rates, alone.rates)
+        batching = [s / b for s, b in zip(s16.rates, single.rates, strict=True)]
         print(
-            f"service @{s16.concurrency} / session alone: {ratio:.2f} (target >= 0.9); "
-            f"dynamic batching / max_batch_size 1 @{s16.concurrency}: "
-            f"{med(s16.rates) / med(single.rates):.2f} (target >= 3); ORT alone, batch "
-            f"{args.max_batch_size} / batch 1: {med(alone.rates) / med(alone1.rates):.2f}"
+            f"service @{s16.concurrency} / session alone: {med(ratios):.2f} (target >= 0.9); "
+            f"dynamic batching / max_batch_size 1 @{s16.concurrency}: {med(batching):.2f} "
+            f"(target >= 3); ORT alone, batch {args.max_batch_size} / batch 1: "
+            f"{med(alone.rates) / med(alone1.rates):.2f}"
         )
+        print(
+            "medians of ratios by round (the session alone: the mean of its runs before and "
+            "after the service's, as this machine's speed drifts over minutes); by round, "
+            f"sorted: {', '.join(f'{r:.2f}' for r in sorted(ratios))} and "
+            f"{', '.join(f'{r:.2f}' for r in sorted(batching))}"
+        )
+
+
+def bracketed(rates: list[float], reference: list[float]) -> list[float]:
+    """Each round's rate over the reference measured around it: the reference runs first in
+    every round, so round r's point lies between reference r and reference r + 1 (the last
+    round has only the one before it)."""
+    out = []
+    for r, rate in enumerate(rates):
+        around = reference[r : r + 2]
+        out.append(rate / statistics.fmean(around))
+    return out
 
 
 if __name__ == "__main__":

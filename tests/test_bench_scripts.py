@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,17 @@ def test_admitted_throughput_counts_only_calls_ended_in_the_window() -> None:
         overload.Outcome(due_s=3.9, code="OK", latency_s=2.0),
     ]
     assert overload.admitted_patches_per_s(result, tiles=10, skip_s=1.0) == 2 * 10 / 3.0
+
+
+def test_serve_throughput_ratio_pairs_each_round_with_the_session_around_it() -> None:
+    """The machine drifts over minutes: a round's service rate is divided by the session-alone
+    runs just before and after it, not by a median taken from other minutes."""
+    bench = load_bench("serve_throughput")
+    alone = [100.0, 80.0, 60.0]  # the machine slows down through the run
+    service = [81.0, 63.0, 54.0]
+    assert bench.bracketed(service, alone) == pytest.approx([0.9, 0.9, 0.9])
+    # the ratio of medians would have said 63 / 80: the drift, not the service
+    assert statistics.median(service) / statistics.median(alone) == pytest.approx(0.7875)
 
 
 @pytest.mark.slow
