@@ -7,6 +7,9 @@ Interpretation and the history of earlier runs: docs/benchmarks_notes.md. The re
 scripts (overload, soak, fuzz) have their own page, docs/reliability.md.
 
 Usage: python bench/run_all.py [--quick] [--only NAME,...] [--out docs/benchmarks.md]
+
+``--only`` reruns some scripts and keeps the other sections of an existing page as they were
+(each section says when it ran).
 """
 
 from __future__ import annotations
@@ -63,6 +66,24 @@ SCRIPTS: list[tuple[str, str, list[str], list[str]]] = [
 ]
 
 
+def previous_sections(page: Path) -> dict[str, str]:
+    """The sections of an existing page by title: from a "## " line up to the next one outside
+    the code blocks (the scripts' own output has "## " headings inside them)."""
+    if not page.exists():
+        return {}
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    fenced = False
+    for line in page.read_text().splitlines():
+        if line.startswith("```"):
+            fenced = not fenced
+        elif line.startswith("## ") and not fenced:
+            current = sections.setdefault(line[3:], [])
+        if current is not None:
+            current.append(line)
+    return {title: "\n".join(lines).rstrip("\n") + "\n" for title, lines in sections.items()}
+
+
 def versions() -> str:
     names = ("numpy", "onnxruntime", "torch", "grpcio", "rasterio", "protobuf", "rarechange")
     out = []
@@ -108,10 +129,13 @@ def main() -> None:
     only = {s for s in args.only.split(",") if s}
 
     started = datetime.datetime.now(datetime.UTC)
+    kept = previous_sections(args.out) if only else {}
     sections = []
     failed = []
     for name, title, full, quick in SCRIPTS:
         if only and name not in only:
+            if title in kept:
+                sections.append(kept[title])
             continue
         argv = [sys.executable, f"bench/{name}.py", *(quick if args.quick else full)]
         command = shlex.join(["python", *argv[1:]])
@@ -140,9 +164,10 @@ def main() -> None:
             failed.append(name)
             output += f"\n\n[exit {proc.returncode}]\n{proc.stderr.strip()[-3000:]}"
         print(output, flush=True)
+        ran = datetime.datetime.now(datetime.UTC)
         sections.append(
-            f"## {title}\n\nCommand: `{command}` ({seconds:.0f} s; load average "
-            f"{load0:.2f} before, {load1:.2f} after)\n\n```\n{output}\n```\n"
+            f"## {title}\n\nCommand: `{command}` ({ran:%Y-%m-%d %H:%M} UTC, {seconds:.0f} s; "
+            f"load average {load0:.2f} before, {load1:.2f} after)\n\n```\n{output}\n```\n"
         )
 
     header = (
@@ -152,7 +177,8 @@ def main() -> None:
         "by side within one run of its script (these machines are noisy: compare ratios, not "
         "absolute times). What the numbers mean, the targets, and what was changed because of "
         "them: [benchmarks_notes.md](benchmarks_notes.md).\n\n"
-        f"* date: {started:%Y-%m-%d %H:%M} UTC\n"
+        f"* date: {started:%Y-%m-%d %H:%M} UTC"
+        f"{' (sections not rerun keep the time of their run)' if only else ''}\n"
         f"* machine: {platform.node()}, {cpu_model()}, {os.cpu_count()} CPUs, "
         f"{platform.system()} {platform.release()}, {platform.machine()}\n"
         f"* Python {platform.python_version()}; {versions()}\n"
