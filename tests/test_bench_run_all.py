@@ -10,18 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_run_all_writes_the_page(tmp_path: Path) -> None:
-    out = tmp_path / "benchmarks.md"
+def run_all(out: Path, only: str) -> str:
+    """`bench/run_all.py --quick --only ONLY --out OUT`; the page it wrote."""
     proc = subprocess.run(
-        [
-            sys.executable,
-            "bench/run_all.py",
-            "--quick",
-            "--only",
-            "ort_vs_torch,gpu_providers",
-            "--out",
-            str(out),
-        ],
+        [sys.executable, "bench/run_all.py", "--quick", "--only", only, "--out", str(out)],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -29,7 +21,11 @@ def test_run_all_writes_the_page(tmp_path: Path) -> None:
         check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
-    page = out.read_text()
+    return out.read_text()
+
+
+def test_run_all_writes_the_page(tmp_path: Path) -> None:
+    page = run_all(tmp_path / "benchmarks.md", "ort_vs_torch,gpu_providers")
     assert page.startswith("# Benchmarks") and "do not edit by hand" in page
     for field in ("* date:", "* machine:", "onnxruntime ", "* GPU:"):
         assert field in page

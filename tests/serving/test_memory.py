@@ -37,11 +37,13 @@ print(json.dumps({"set": done, "mmapped": libc.mallinfo2().hblkhd - held >= (1 <
 """
 
 
-def probe(mode: str, **env: str) -> dict:
+def probe(mode: str, script: str = PROBE, **env: str) -> dict:
+    """Run ``script`` with ``mode`` in a fresh interpreter whose malloc variables are only
+    ``env``'s, and return the JSON it prints."""
     keep = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
     clean = {k: v for k, v in os.environ.items() if k not in keep}
     done = subprocess.run(
-        [sys.executable, "-c", "import ctypes.util\n" + PROBE, mode],
+        [sys.executable, "-c", "import ctypes.util\n" + script, mode],
         env={**clean, **env},
         capture_output=True,
         text=True,
@@ -92,29 +94,16 @@ print(json.dumps({"set": done, "faults": faults, "huge_mmapped": libc.mallinfo2(
 """
 
 
-def faults(mode: str, **env: str) -> dict:
-    keep = ("MALLOC_ARENA_MAX", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
-    clean = {k: v for k, v in os.environ.items() if k not in keep}
-    done = subprocess.run(
-        [sys.executable, "-c", "import ctypes.util\n" + FAULTS, mode],
-        env={**clean, **env},
-        capture_output=True,
-        text=True,
-    )
-    assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout)
-
-
 def test_the_server_setting_reuses_request_sized_pages() -> None:
     if not hasattr(ctypes.CDLL(ctypes.util.find_library("c")), "mallinfo2"):
         pytest.skip("mallinfo2 needs glibc 2.33")
     pages = (8 << 20) // 4096
-    batch = faults("batch")  # the batch path's setting: every round maps and faults afresh
+    batch = probe("batch", FAULTS)  # the batch path's setting: every round maps and faults afresh
     assert all(f > pages // 4 for f in batch["faults"]), batch
-    served = faults("serving")
+    served = probe("serving", FAULTS)
     assert served["set"] == {"arenas": True, "mmap_threshold": True, "trim_threshold": True}
     assert all(f < pages // 20 for f in served["faults"][1:]), served  # the same pages again
     assert served["huge_mmapped"]  # past 32 MB, still given back when freed
-    by_env = faults("serving", MALLOC_TRIM_THRESHOLD_="0")
+    by_env = probe("serving", FAULTS, MALLOC_TRIM_THRESHOLD_="0")
     assert by_env["set"]["trim_threshold"] is False  # the environment wins
     assert all(f > pages // 4 for f in by_env["faults"][1:]), by_env  # and trims every round
