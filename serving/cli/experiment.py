@@ -133,6 +133,13 @@ def table3(
     metavar="KEY=VALUE",
     help="An override for every cell, e.g. --set data.augment.copies=1 (a protocol of its own).",
 )
+@click.option(
+    "--pretrain-seed",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Seed of each fold's pre-training, shared by its cells (not 0: a protocol of its own).",
+)
 @_where_and_how("runs/study", "Pre-training checkpoints per fold.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def scenes(
@@ -142,6 +149,7 @@ def scenes(
     seeds: str,
     methods: str,
     extra: tuple[str, ...],
+    pretrain_seed: int,
     threads: int,
     results: Path,
     work: Path,
@@ -180,6 +188,7 @@ def scenes(
         seeds=_ints(seeds),
         methods=tuple(methods.split(",")),
         extra=extra,
+        pretrain_seed=pretrain_seed,
     )
     try:
         study = SceneStudy(settings, results, work, progress=not quiet)

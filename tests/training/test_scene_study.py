@@ -140,3 +140,20 @@ def test_cells_cross_fold_thresholds_and_resume(folder: Path, tmp_path: Path) ->
     with pytest.raises(FileExistsError, match="another protocol"):
         other.cells_dir = study.cells_dir
         other.write_cell("p1_ours_1_s0.json", "p1", "ours", 1, 0, None, None, {}, 0.0, "")
+
+
+def test_pretraining_seed_is_a_protocol_of_its_own(tmp_path: Path) -> None:
+    """Seed 0 keeps the digests of the studies run before the option existed (their committed
+    cells stay theirs); another pre-training seed gets its own cells and says so in commands."""
+    sixty = StudySettings(preset="sentinel2-rgbn", extra=("train.pretrain_steps=60000",))
+    assert sixty.digest() == "c49a3d999d14"  # docs/results/study-sentinel2-rgbn_c49a3d999d14*
+    plain = SceneStudy(StudySettings(preset="sentinel2-rgbn"), tmp_path, tmp_path, progress=False)
+    assert plain.name == "study-sentinel2-rgbn"
+    seeded = SceneStudy(
+        StudySettings(preset="sentinel2-rgbn", pretrain_seed=1), tmp_path, tmp_path, progress=False
+    )
+    assert seeded.digest != plain.digest and seeded.name == f"study-sentinel2-rgbn_{seeded.digest}"
+    assert "train.seed=1" in seeded.command("pisa", "ours", None, 1)
+    assert "# pre-training" not in seeded.command("pisa", "ours", None, 1)
+    assert "with train.seed=1" in seeded.command("pisa", "ours", None, 0)
+    assert "# pre-training" not in seeded.command("pisa", "siamese", None, 0)  # none to share

@@ -77,13 +77,24 @@ class StudySettings:
     # fine-tuning steps per budget (None: the preset's); few labels are memorised quickly
     finetune_steps: dict[str, int] = field(default_factory=lambda: {"5": 500, "50": 1000})
     extra: tuple[str, ...] = ()  # further overrides for every cell, e.g. data.augment.copies=1
+    # the seed of each fold's one pre-training, which every cell of the fold shares: the seeds
+    # above vary only the fine-tuning (a head on fixed features barely depends on it)
+    pretrain_seed: int = 0
 
     def digest(self) -> str:
         """Names the protocol (the preset's text included); seeds, folds, budgets, methods are
         per cell and excluded, so adding more of them keeps the finished cells."""
         text = (CONFIG_DIR / f"{self.preset}.toml").read_text()
-        d = {"preset": text, "steps": self.finetune_steps, "extra": list(self.extra)}
+        d: dict[str, object] = {"preset": text, "steps": self.finetune_steps}
+        d["extra"] = list(self.extra)
+        if self.pretrain_seed:  # absent at 0: the studies run before it keep their digests
+            d["pretrain_seed"] = self.pretrain_seed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
+
+    @property
+    def is_preset_protocol(self) -> bool:
+        """The preset as it is: its cells and summary carry no digest."""
+        return not self.extra and not self.pretrain_seed
 
 
 def cell_name(fold: str, method: str, budget: int | None, seed: int) -> str:
@@ -128,7 +139,7 @@ class SceneStudy:
         self.s = settings
         self.digest = settings.digest()
         # another protocol (extra overrides) gets its own cells and summary, never the preset's
-        suffix = f"_{self.digest}" if settings.extra else ""
+        suffix = "" if settings.is_preset_protocol else f"_{self.digest}"
         self.name = f"study-{settings.preset}{suffix}"
         self.cells_dir = results_dir / f"{self.name}_cells"
         self.results_dir = results_dir
@@ -166,7 +177,12 @@ class SceneStudy:
         sets = " ".join(
             f"--set {shlex.quote(o)}" for o in self.overrides(fold, method, budget, seed)
         )
-        return f"rarechange train --preset {self.s.preset} {sets} --out RUN"
+        command = f"rarechange train --preset {self.s.preset} {sets} --out RUN"
+        if method != "siamese" and seed != self.s.pretrain_seed:  # a fold's one pre-training
+            command += (
+                f"  # pre-training from the fold's run with train.seed={self.s.pretrain_seed}"
+            )
+        return command
 
     def done(self, name: str) -> bool:
         path = self.cells_dir / name
@@ -225,7 +241,8 @@ class SceneStudy:
         t0 = time.perf_counter()
         if method != "siamese":  # pre-trained methods share the fold's pre-training
             pre = fold_dir / "pretrain"
-            run(self.config(fold, "ours", None, 0), pre, stage="pretrain", progress=self.progress)
+            pre_config = self.config(fold, "ours", None, self.s.pretrain_seed)
+            run(pre_config, pre, stage="pretrain", progress=self.progress)
             cell_dir.mkdir(parents=True, exist_ok=True)
             if not (cell_dir / "pretrain_last.pt").exists():
                 for f in ("pretrain_last.pt", "metrics.jsonl"):
