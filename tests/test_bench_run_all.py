@@ -42,24 +42,7 @@ def test_only_keeps_the_sections_it_does_not_rerun(tmp_path: Path) -> None:
     )
     stale = "## GPU: TensorRT FP16 vs CUDA fp32 vs CPU\n\nan old text\n"
     out.write_text("# Benchmarks\n\nold header\n\n" + stale + "\n" + kept)
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "bench/run_all.py",
-            "--quick",
-            "--only",
-            "gpu_providers",
-            "--out",
-            str(out),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    page = out.read_text()
+    page = run_all(out, "gpu_providers")
     assert "old header" not in page and "sections not rerun keep the time of their run" in page
     assert kept in page  # verbatim, its inner "## " line included
     assert "an old text" not in page  # the section asked for was written again

@@ -16,11 +16,11 @@ pytestmark = pytest.mark.skipif(
     reason="glibc's mallopt is Linux's",
 )
 
-# a freed 4 MB array, then a 1 MB one: is the 1 MB one mmapped (given back when freed)?
-PROBE = """
-import ctypes, json, sys
+# glibc's own account of the heap, for the probes below
+MALLINFO = """
+import ctypes, json, resource, sys
 import numpy as np
-from serving.memory import tune_malloc
+from serving.memory import SERVING, tune_malloc
 
 class Info(ctypes.Structure):
     names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
@@ -28,6 +28,12 @@ class Info(ctypes.Structure):
 
 libc = ctypes.CDLL(ctypes.util.find_library("c"))
 libc.mallinfo2.restype = Info
+"""
+
+# a freed 4 MB array, then a 1 MB one: is the 1 MB one mmapped (given back when freed)?
+PROBE = (
+    MALLINFO
+    + """
 done = tune_malloc() if sys.argv[1] == "tune" else {}
 big = np.ones(4 << 20, np.uint8)
 del big  # untuned glibc raises its mmap threshold to 4 MB here
@@ -35,6 +41,7 @@ held = libc.mallinfo2().hblkhd
 small = np.ones(1 << 20, np.uint8)
 print(json.dumps({"set": done, "mmapped": libc.mallinfo2().hblkhd - held >= (1 << 20)}))
 """
+)
 
 
 def probe(mode: str, script: str = PROBE, **env: str) -> dict:
@@ -70,17 +77,9 @@ def test_the_environment_wins() -> None:
 
 # request-sized arrays, allocated, written and freed four times: how many page faults does each
 # round after the first take, and is an array past the server's threshold still mmapped?
-FAULTS = """
-import ctypes, json, resource, sys
-import numpy as np
-from serving.memory import SERVING, tune_malloc
-
-class Info(ctypes.Structure):
-    names = "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost"
-    _fields_ = [(n, ctypes.c_size_t) for n in names.split()]
-
-libc = ctypes.CDLL(ctypes.util.find_library("c"))
-libc.mallinfo2.restype = Info
+FAULTS = (
+    MALLINFO
+    + """
 done = tune_malloc(**SERVING) if sys.argv[1] == "serving" else tune_malloc()
 faults = []
 for _ in range(4):
@@ -92,6 +91,7 @@ held = libc.mallinfo2().hblkhd
 huge = np.ones(40 << 20, np.uint8)
 print(json.dumps({"set": done, "faults": faults, "huge_mmapped": libc.mallinfo2().hblkhd > held}))
 """
+)
 
 
 def test_the_server_setting_reuses_request_sized_pages() -> None:
