@@ -85,8 +85,11 @@ class StudySettings:
         """Names the protocol (the preset's text included); seeds, folds, budgets, methods are
         per cell and excluded, so adding more of them keeps the finished cells."""
         text = (CONFIG_DIR / f"{self.preset}.toml").read_text()
-        d: dict[str, object] = {"preset": text, "steps": self.finetune_steps}
-        d["extra"] = list(self.extra)
+        d: dict[str, object] = {
+            "preset": text,
+            "steps": self.finetune_steps,
+            "extra": list(self.extra),
+        }
         if self.pretrain_seed:  # absent at 0: the studies run before it keep their digests
             d["pretrain_seed"] = self.pretrain_seed
         return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:12]
@@ -138,7 +141,8 @@ class SceneStudy:
     ) -> None:
         self.s = settings
         self.digest = settings.digest()
-        # another protocol (extra overrides) gets its own cells and summary, never the preset's
+        # another protocol (extra overrides, another pre-training seed) gets its own cells and
+        # summary, never the preset's
         suffix = "" if settings.is_preset_protocol else f"_{self.digest}"
         self.name = f"study-{settings.preset}{suffix}"
         self.cells_dir = results_dir / f"{self.name}_cells"
