@@ -205,12 +205,13 @@ class ChangeDetectionClient:
         threshold: float | None = None,
         outputs: list[int] | None = None,
         encoding: int = pb.PROBABILITY_ENCODING_PNG8,
+        mask_rule: int = pb.MASK_RULE_UNSPECIFIED,
         timeout: float | None = 60.0,
     ) -> DetectResult:
         request = pb.DetectChangeRequest(
             before=image_message(before),
             after=image_message(after),
-            options=_options(model, stride, threshold, outputs, encoding),
+            options=_options(model, stride, threshold, outputs, encoding, mask_rule),
         )
         return DetectResult(self.stub.DetectChange(request, timeout=timeout))
 
@@ -224,6 +225,7 @@ class ChangeDetectionClient:
         threshold: float | None = None,
         outputs: list[int] | None = None,
         encoding: int = pb.PROBABILITY_ENCODING_PNG8,
+        mask_rule: int = pb.MASK_RULE_UNSPECIFIED,
         request_id: str = "",
         chunk_bytes: int = STREAM_CHUNK_BYTES,
         timeout: float | None = 600.0,
@@ -234,7 +236,7 @@ class ChangeDetectionClient:
         before_desc, before_chunks = stream_parts(before)
         after_desc, after_chunks = stream_parts(after)
         header = pb.StreamHeader(
-            options=_options(model, stride, threshold, outputs, encoding),
+            options=_options(model, stride, threshold, outputs, encoding, mask_rule),
             before=before_desc,
             after=after_desc,
             request_id=request_id,
@@ -270,10 +272,19 @@ class ChangeDetectionClient:
 
 
 def _options(
-    model: str, stride: int, threshold: float | None, outputs: list[int] | None, encoding: int
+    model: str,
+    stride: int,
+    threshold: float | None,
+    outputs: list[int] | None,
+    encoding: int,
+    mask_rule: int = pb.MASK_RULE_UNSPECIFIED,
 ) -> pb.DetectOptions:
     options = pb.DetectOptions(
-        model=model, stride=stride, outputs=outputs or [], probability_encoding=encoding
+        model=model,
+        stride=stride,
+        outputs=outputs or [],
+        probability_encoding=encoding,
+        mask_rule=mask_rule,
     )
     if threshold is not None:
         options.threshold = threshold

@@ -11,13 +11,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serving import tiling
+from serving import cva, tiling
 from serving.errors import InvalidInput
 from serving.metadata import ModelMetadata
 from serving.models import ModelRepository
 from serving.regions import Region, find_regions
 
 ALL_OUTPUTS = frozenset({"tiles", "probability_map", "mask", "regions"})
+# how the mask is made: probability >= threshold, or CVA's magnitude gated by the probability
+# (serving.cva.gated_mask), sharper where changes are smaller than a patch
+MASK_RULES = ("threshold", "cva-gated")
 
 
 @dataclass(frozen=True)
@@ -28,6 +31,7 @@ class DetectRequest:
     model_version: str = ""
     stride: int = 0  # 0: the model's recommended stride
     threshold: float | None = None  # None: the model's default threshold
+    mask_rule: str = "threshold"  # one of MASK_RULES
     outputs: frozenset[str] = ALL_OUTPUTS
     min_region_area_px: int = 0
     deadline: float | None = None  # time.monotonic() seconds
@@ -37,13 +41,15 @@ class DetectRequest:
 class Detection:
     metadata: ModelMetadata
     stride: int
-    threshold: float
+    threshold: float  # on the probability (mask rule "threshold"; nan for "cva-gated")
     lattice: tiling.Lattice  # the tiles, row-major
     tile_probabilities: np.ndarray  # (N,)
     probability: np.ndarray  # (H, W) float32
     mask: np.ndarray  # (H, W) bool
     regions: list[Region]
     timings_ms: dict[str, float] = field(default_factory=dict)
+    mask_rule: str = "threshold"
+    gated_cut: float | None = None  # "cva-gated": Otsu's cut on magnitude x probability
 
     @property
     def changed_fraction(self) -> float:
@@ -63,6 +69,13 @@ class ChangeDetectionCore:
         if not 1 <= stride <= meta.patch_size:
             raise InvalidInput(
                 f"stride {stride} must be between 1 and the patch size {meta.patch_size}"
+            )
+        if req.mask_rule not in MASK_RULES:
+            raise InvalidInput(f"mask_rule must be one of {MASK_RULES}, got {req.mask_rule!r}")
+        gated = req.mask_rule == "cva-gated"
+        if gated and req.threshold is not None:
+            raise InvalidInput(
+                "threshold is not used by the cva-gated mask rule (Otsu cuts each pair); unset it"
             )
         threshold = meta.default_threshold if req.threshold is None else req.threshold
         if not 0.0 <= threshold <= 1.0 or not np.isfinite(threshold):
@@ -88,7 +101,12 @@ class ChangeDetectionCore:
         t_scored = time.perf_counter()
 
         prob_map = grid.stitch(probs, h, w)
-        mask = prob_map >= threshold
+        cut = None
+        if gated:
+            mask, cut = cva.gated_mask(req.before, req.after, prob_map)
+            threshold = float("nan")
+        else:
+            mask = prob_map >= threshold
         regions = (
             find_regions(mask, prob_map, req.min_region_area_px) if "regions" in req.outputs else []
         )
@@ -101,7 +119,19 @@ class ChangeDetectionCore:
             "stitch_ms": (t_tiled - t_start + t_end - t_scored) * 1e3,
             "total_ms": decode_ms + (t_end - t_start) * 1e3,
         }
-        return Detection(meta, stride, threshold, grid, probs, prob_map, mask, regions, timings)
+        return Detection(
+            meta,
+            stride,
+            threshold,
+            grid,
+            probs,
+            prob_map,
+            mask,
+            regions,
+            timings,
+            mask_rule=req.mask_rule,
+            gated_cut=cut,
+        )
 
 
 def check_compatible(before: np.ndarray, after: np.ndarray, meta: ModelMetadata) -> None:

@@ -48,6 +48,12 @@ OUTPUT_NAMES = {
     pb.OUTPUT_MASK: "mask",
     pb.OUTPUT_REGIONS: "regions",
 }
+MASK_RULE_NAMES = {
+    pb.MASK_RULE_UNSPECIFIED: "threshold",
+    pb.MASK_RULE_THRESHOLD: "threshold",
+    pb.MASK_RULE_CVA_GATED: "cva-gated",
+}
+MASK_RULE_ENUMS = {"threshold": pb.MASK_RULE_THRESHOLD, "cva-gated": pb.MASK_RULE_CVA_GATED}
 DTYPE_NAMES = {pb.DTYPE_UINT8: "uint8", pb.DTYPE_UINT16: "uint16", pb.DTYPE_FLOAT32: "float32"}
 
 
@@ -193,6 +199,8 @@ class ChangeDetectionServicer(pb_grpc.ChangeDetectionServicer):
         outputs = frozenset(OUTPUT_NAMES[o] for o in options.outputs if o in OUTPUT_NAMES)
         if len(outputs) != len(set(options.outputs)):
             raise InvalidInput(f"unknown output in {list(options.outputs)}")
+        if options.mask_rule not in MASK_RULE_NAMES:
+            raise InvalidInput(f"unknown mask_rule {options.mask_rule}")
         remaining = time_remaining(context)
         req = DetectRequest(
             before=before,
@@ -201,6 +209,7 @@ class ChangeDetectionServicer(pb_grpc.ChangeDetectionServicer):
             model_version=options.model_version,
             stride=options.stride,
             threshold=options.threshold if options.HasField("threshold") else None,
+            mask_rule=MASK_RULE_NAMES[options.mask_rule],
             outputs=outputs or ALL_OUTPUTS,
             min_region_area_px=options.min_region_area_px,
             deadline=None if remaining is None else time.monotonic() + remaining,
@@ -303,7 +312,9 @@ def to_response(
         width=w,
         patch_size=d.metadata.patch_size,
         stride=d.stride,
-        threshold=d.threshold,
+        threshold=0.0 if d.gated_cut is not None else d.threshold,
+        mask_rule=MASK_RULE_ENUMS[d.mask_rule],
+        gated_cut=d.gated_cut or 0.0,
         changed_fraction=d.changed_fraction,
         timings=pb.Timings(**d.timings_ms),
     )

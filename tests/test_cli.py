@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -156,6 +157,17 @@ def test_train_export_serve_detect_from_the_command_line(tmp_path: Path) -> None
             assert result.exit_code == 0, result.output
             for name in ("mask.png", "probability.png", "overlay.png"):
                 assert (tmp_path / "out" / name).stat().st_size > 0
+            report = json.loads((tmp_path / "out" / "regions.json").read_text())
+            assert report["mask_rule"] == "threshold" and 0 <= report["threshold"] <= 1
+            detect = ["detect", str(tmp_path / "b.png"), str(tmp_path / "a.png")]
+            gated = [*detect, "--address", address, "--mask-rule", "cva-gated"]
+            result = runner.invoke(cli, [*gated, "--out", str(tmp_path / "gated")])
+            assert result.exit_code == 0, result.output
+            report = json.loads((tmp_path / "gated" / "regions.json").read_text())
+            assert report["mask_rule"] == "cva-gated" and report["gated_cut"] > 0
+            assert "threshold" not in report
+            result = runner.invoke(cli, [*gated, "--threshold", "0.5"])
+            assert result.exit_code == 2 and "--threshold" in result.output
         finally:
             server.terminate()
             # SIGTERM drains and exits cleanly

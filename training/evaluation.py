@@ -3,7 +3,7 @@
 ``rarechange evaluate`` is a thin shell over this module. A served model is scored exactly as a
 client would see it: :class:`serving.detector.ChangeDetectionCore` tiles the pair, the model's
 dynamic batcher and backend score the patches, the map is stitched and thresholded. Baselines
-(:mod:`training.baselines.cva`) answer the same :class:`Scorer` interface, so every number below
+(:mod:`serving.cva`) answer the same :class:`Scorer` interface, so every number below
 is computed the same way for both and the comparison is apples to apples.
 
 Metrics per pair and overall (overall = pooled pixels, and the plain mean over pairs):
@@ -41,12 +41,12 @@ from PIL import Image
 
 from serving import __version__
 from serving.config import ServerSettings
-from serving.detector import ChangeDetectionCore, DetectRequest
+from serving.cva import OTSU_BINS, cva
+from serving.detector import MASK_RULES, ChangeDetectionCore, DetectRequest
 from serving.errors import InvalidInput
 from serving.models import ModelRepository
 from serving.pictures import encode_png, to_display
 from serving.quality import auroc, confusion
-from training.baselines.cva import OTSU_BINS, cva
 from training.datasets.scenes import ScenePair
 
 __all__ = [
@@ -83,7 +83,8 @@ PATCH_DEFINITION = (
     "pixels from (0, 0), wholly inside the image (the serving grid without its mirrored border "
     "patches); truth: changed when at least half of its pixels changed, unchanged when none did, "
     "otherwise ambiguous and left out; prediction: changed when the mean of the stitched "
-    "probability map over the patch is >= the threshold; balanced accuracy = (TPR + TNR) / 2, "
+    "probability map over the patch is >= the threshold (mask rule cva-gated: when at least half "
+    "of its pixels are in the mask); balanced accuracy = (TPR + TNR) / 2, "
     "undefined (null) unless both classes occur"
 )
 # CVA has no patch grid of its own: score its patches on the bundled model's grid (32 px, stride
@@ -135,7 +136,8 @@ class Scored:
 
     probability: np.ndarray  # (H, W) float32 in [0, 1]
     mask: np.ndarray  # (H, W) bool
-    threshold: float  # on the probability scale
+    threshold: float  # on the probability scale; the gated cut when gated
+    gated: bool = False  # the mask is CVA x probability > Otsu, not probability >= threshold
 
 
 class Scorer(Protocol):
@@ -156,8 +158,14 @@ class ServedScorer:
         name: str = "",
         stride: int = 0,
         threshold: float | None = None,
+        mask_rule: str = "threshold",
     ) -> None:
         meta = repository.get(name).metadata
+        if mask_rule not in MASK_RULES:
+            raise InvalidInput(f"mask rule must be one of {MASK_RULES}, got {mask_rule!r}")
+        if mask_rule == "cva-gated" and threshold is not None:
+            raise InvalidInput("--threshold is not used by the cva-gated mask rule")
+        self.mask_rule = mask_rule
         stride = stride or meta.recommended_stride
         if not 1 <= stride <= meta.patch_size:
             raise InvalidInput(
@@ -170,8 +178,20 @@ class ServedScorer:
             kind="served",
             patch_size=meta.patch_size,
             stride=stride,
-            threshold=meta.default_threshold if threshold is None else threshold,
-            threshold_method="--threshold" if threshold is not None else meta.threshold_method,
+            threshold=(
+                None
+                if mask_rule == "cva-gated"
+                else meta.default_threshold
+                if threshold is None
+                else threshold
+            ),
+            threshold_method=(
+                "cva-gated: Otsu per pair on CVA magnitude x probability (the cut in z units)"
+                if mask_rule == "cva-gated"
+                else "--threshold"
+                if threshold is not None
+                else meta.threshold_method
+            ),
             channels=meta.channels,
             input_dtype=meta.input_dtype,
             band_names=meta.band_names,
@@ -194,21 +214,28 @@ class ServedScorer:
                 model_version=info.version,
                 stride=info.stride,
                 threshold=info.threshold,
+                mask_rule=self.mask_rule,
                 outputs=frozenset({"probability_map", "mask"}),
             )
         )
+        if detection.gated_cut is not None:
+            return Scored(detection.probability, detection.mask, detection.gated_cut, gated=True)
         return Scored(detection.probability, detection.mask, detection.threshold)
 
 
 @contextlib.contextmanager
 def served_scorer(
-    settings: ServerSettings, name: str = "", stride: int = 0, threshold: float | None = None
+    settings: ServerSettings,
+    name: str = "",
+    stride: int = 0,
+    threshold: float | None = None,
+    mask_rule: str = "threshold",
 ) -> Iterator[ServedScorer]:
     """Load every model of ``settings.models_dir`` as the server would, start the batchers, and
     stop them (closing the backends) however the evaluation ends."""
     repository = ModelRepository.load(settings)
     try:
-        scorer = ServedScorer(repository, name, stride, threshold)
+        scorer = ServedScorer(repository, name, stride, threshold, mask_rule)
         repository.start()
         yield scorer
     finally:
@@ -216,7 +243,7 @@ def served_scorer(
 
 
 class CvaScorer:
-    """Change vector analysis (:mod:`training.baselines.cva`) as a scorer: Otsu per pair, or a
+    """Change vector analysis (:mod:`serving.cva`) as a scorer: Otsu per pair, or a
     fixed ``threshold`` on the [0, 1] magnitude scale (mask = probability >= threshold)."""
 
     def __init__(self, stride: int = 0, threshold: float | None = None) -> None:
@@ -597,8 +624,12 @@ def evaluate(
             threshold=float(scored.threshold),
             pixels=pixel_counts(scored.mask, truth),
             auroc=auroc(scored.probability, truth),
-            patches=patch_counts(
-                scored.probability, truth, info.patch_size, info.stride, scored.threshold
+            patches=(
+                patch_counts(scored.mask, truth, info.patch_size, info.stride, 0.5)
+                if scored.gated
+                else patch_counts(
+                    scored.probability, truth, info.patch_size, info.stride, scored.threshold
+                )
             ),
             seconds=seconds,
         )

@@ -27,6 +27,12 @@ class ProbabilityEncoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROBABILITY_ENCODING_UNSPECIFIED: _ClassVar[ProbabilityEncoding]
     PROBABILITY_ENCODING_PNG8: _ClassVar[ProbabilityEncoding]
     PROBABILITY_ENCODING_RAW_FLOAT16: _ClassVar[ProbabilityEncoding]
+
+class MaskRule(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MASK_RULE_UNSPECIFIED: _ClassVar[MaskRule]
+    MASK_RULE_THRESHOLD: _ClassVar[MaskRule]
+    MASK_RULE_CVA_GATED: _ClassVar[MaskRule]
 DTYPE_UNSPECIFIED: DType
 DTYPE_UINT8: DType
 DTYPE_UINT16: DType
@@ -39,6 +45,9 @@ OUTPUT_REGIONS: Output
 PROBABILITY_ENCODING_UNSPECIFIED: ProbabilityEncoding
 PROBABILITY_ENCODING_PNG8: ProbabilityEncoding
 PROBABILITY_ENCODING_RAW_FLOAT16: ProbabilityEncoding
+MASK_RULE_UNSPECIFIED: MaskRule
+MASK_RULE_THRESHOLD: MaskRule
+MASK_RULE_CVA_GATED: MaskRule
 
 class RawArray(_message.Message):
     __slots__ = ("data", "shape", "dtype")
@@ -59,7 +68,7 @@ class Image(_message.Message):
     def __init__(self, encoded: _Optional[bytes] = ..., raw: _Optional[_Union[RawArray, _Mapping]] = ...) -> None: ...
 
 class DetectOptions(_message.Message):
-    __slots__ = ("model", "model_version", "stride", "threshold", "outputs", "probability_encoding", "min_region_area_px")
+    __slots__ = ("model", "model_version", "stride", "threshold", "outputs", "probability_encoding", "min_region_area_px", "mask_rule")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +76,7 @@ class DetectOptions(_message.Message):
     OUTPUTS_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_ENCODING_FIELD_NUMBER: _ClassVar[int]
     MIN_REGION_AREA_PX_FIELD_NUMBER: _ClassVar[int]
+    MASK_RULE_FIELD_NUMBER: _ClassVar[int]
     model: str
     model_version: str
     stride: int
@@ -74,7 +84,8 @@ class DetectOptions(_message.Message):
     outputs: _containers.RepeatedScalarFieldContainer[Output]
     probability_encoding: ProbabilityEncoding
     min_region_area_px: int
-    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., stride: _Optional[int] = ..., threshold: _Optional[float] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., probability_encoding: _Optional[_Union[ProbabilityEncoding, str]] = ..., min_region_area_px: _Optional[int] = ...) -> None: ...
+    mask_rule: MaskRule
+    def __init__(self, model: _Optional[str] = ..., model_version: _Optional[str] = ..., stride: _Optional[int] = ..., threshold: _Optional[float] = ..., outputs: _Optional[_Iterable[_Union[Output, str]]] = ..., probability_encoding: _Optional[_Union[ProbabilityEncoding, str]] = ..., min_region_area_px: _Optional[int] = ..., mask_rule: _Optional[_Union[MaskRule, str]] = ...) -> None: ...
 
 class DetectChangeRequest(_message.Message):
     __slots__ = ("before", "after", "options", "request_id")
@@ -153,7 +164,7 @@ class Timings(_message.Message):
     def __init__(self, decode_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., stitch_ms: _Optional[float] = ..., total_ms: _Optional[float] = ...) -> None: ...
 
 class DetectChangeResponse(_message.Message):
-    __slots__ = ("request_id", "model", "model_version", "height", "width", "patch_size", "stride", "threshold", "tiles", "probability_map", "mask_png", "regions", "changed_fraction", "timings")
+    __slots__ = ("request_id", "model", "model_version", "height", "width", "patch_size", "stride", "threshold", "mask_rule", "gated_cut", "tiles", "probability_map", "mask_png", "regions", "changed_fraction", "timings")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -162,6 +173,8 @@ class DetectChangeResponse(_message.Message):
     PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     STRIDE_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    MASK_RULE_FIELD_NUMBER: _ClassVar[int]
+    GATED_CUT_FIELD_NUMBER: _ClassVar[int]
     TILES_FIELD_NUMBER: _ClassVar[int]
     PROBABILITY_MAP_FIELD_NUMBER: _ClassVar[int]
     MASK_PNG_FIELD_NUMBER: _ClassVar[int]
@@ -176,13 +189,15 @@ class DetectChangeResponse(_message.Message):
     patch_size: int
     stride: int
     threshold: float
+    mask_rule: MaskRule
+    gated_cut: float
     tiles: Tiles
     probability_map: ProbabilityMap
     mask_png: bytes
     regions: _containers.RepeatedCompositeFieldContainer[ChangeRegion]
     changed_fraction: float
     timings: Timings
-    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., patch_size: _Optional[int] = ..., stride: _Optional[int] = ..., threshold: _Optional[float] = ..., tiles: _Optional[_Union[Tiles, _Mapping]] = ..., probability_map: _Optional[_Union[ProbabilityMap, _Mapping]] = ..., mask_png: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[ChangeRegion, _Mapping]]] = ..., changed_fraction: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., model: _Optional[str] = ..., model_version: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., patch_size: _Optional[int] = ..., stride: _Optional[int] = ..., threshold: _Optional[float] = ..., mask_rule: _Optional[_Union[MaskRule, str]] = ..., gated_cut: _Optional[float] = ..., tiles: _Optional[_Union[Tiles, _Mapping]] = ..., probability_map: _Optional[_Union[ProbabilityMap, _Mapping]] = ..., mask_png: _Optional[bytes] = ..., regions: _Optional[_Iterable[_Union[ChangeRegion, _Mapping]]] = ..., changed_fraction: _Optional[float] = ..., timings: _Optional[_Union[Timings, _Mapping]] = ...) -> None: ...
 
 class ImageDescriptor(_message.Message):
     __slots__ = ("encoded", "raw", "size_bytes")

@@ -73,7 +73,7 @@ def regions_report(r: pb.DetectChangeResponse) -> dict[str, Any]:
         "image": {"height": r.height, "width": r.width},
         "patch_size": r.patch_size,
         "stride": r.stride,
-        "threshold": round(r.threshold, 6),
+        **decision(r, 6),
         "changed_fraction": round(r.changed_fraction, 6),
         "timings_ms": {
             name: round(getattr(r.timings, f"{name}_ms"), 3)
@@ -96,13 +96,22 @@ def regions_report(r: pb.DetectChangeResponse) -> dict[str, Any]:
     }
 
 
+def decision(r: pb.DetectChangeResponse, digits: int) -> dict[str, Any]:
+    """The mask rule and its cut: a probability threshold, or Otsu's cut on CVA x probability."""
+    from serving.api import change_detection_pb2 as pb
+
+    if r.mask_rule == pb.MASK_RULE_CVA_GATED:
+        return {"mask_rule": "cva-gated", "gated_cut": round(r.gated_cut, digits)}
+    return {"mask_rule": "threshold", "threshold": round(r.threshold, digits)}
+
+
 def summary(result: DetectResult) -> dict[str, object]:
     r = result.response
     return {
         "model": f"{r.model} {r.model_version}",
         "size": f"{r.width}x{r.height}",
         "patch/stride": f"{r.patch_size}/{r.stride}",
-        "threshold": round(r.threshold, 4),
+        **decision(r, 4),
         "changed_fraction": round(r.changed_fraction, 5),
         "regions": len(r.regions),
         "tiles": len(r.tiles.probability),
@@ -165,6 +174,14 @@ def rpc_failure(exc: grpc.RpcError, server: str) -> click.ClickException:
 @click.option("--model", default="", help="Model name (default: the server's default).")
 @click.option("--stride", type=int, default=0, help="Patch stride in pixels (0: the model's).")
 @click.option("--threshold", type=float, default=None, help="Decision threshold (model's default).")
+@click.option(
+    "--mask-rule",
+    type=click.Choice(["threshold", "cva-gated"]),
+    default="threshold",
+    show_default=True,
+    help="threshold: probability >= --threshold. cva-gated: change vector analysis times the "
+    "probability, cut by Otsu per pair (sharper for changes smaller than a patch).",
+)
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds.")
 @click.option("--tls", is_flag=True, help="Use TLS with the system's root certificates.")
 @click.option("--tls-ca", type=_FILE, default=None, help="CA certificate (PEM) to trust: TLS.")
@@ -190,6 +207,7 @@ def detect(
     model: str,
     stride: int,
     threshold: float | None,
+    mask_rule: str,
     timeout: float,
     tls: bool,
     tls_ca: Path | None,
@@ -204,12 +222,15 @@ def detect(
     """
     import grpc
 
+    from serving.api import change_detection_pb2 as pb
     from serving.client import ChangeDetectionClient
     from serving.decode import decode_image
     from serving.errors import InvalidInput
 
     if (tls_cert is None) != (tls_key is None):
         raise click.UsageError("--tls-cert and --tls-key go together")
+    if mask_rule == "cva-gated" and threshold is not None:
+        raise click.UsageError("--threshold is not used by --mask-rule cva-gated")
     before_bytes, after_bytes = before.read_bytes(), after.read_bytes()
     try:
         b = decode_image(before_bytes, max_pixels=1 << 31, name=str(before))
@@ -238,6 +259,7 @@ def detect(
                 model=model,
                 stride=stride,
                 threshold=threshold,
+                mask_rule=pb.MaskRule.Value("MASK_RULE_" + mask_rule.upper().replace("-", "_")),
                 timeout=timeout,
             )
         except grpc.RpcError as exc:

@@ -62,6 +62,14 @@ BASELINES = ("cva",)
     help="Decision threshold on the probability (default: the model's; cva: Otsu per pair).",
 )
 @click.option(
+    "--mask-rule",
+    type=click.Choice(["threshold", "cva-gated"]),
+    default="threshold",
+    show_default=True,
+    help="threshold: probability >= --threshold. cva-gated: change vector analysis times the "
+    "probability, cut by Otsu per pair (served models only).",
+)
+@click.option(
     "--bands",
     default=None,
     help="1-based band numbers to feed the model, in its order, e.g. 1,2,3 (RGB of OSCD).",
@@ -86,6 +94,7 @@ def evaluate(
     out: Path | None,
     stride: int,
     threshold: float | None,
+    mask_rule: str,
     bands: str | None,
     scale_to_uint8: bool,
     limit: int | None,
@@ -139,7 +148,7 @@ def evaluate(
         extra = {"models_dir": models_dir} if models_dir is not None else {}
         settings = ServerSettings(metrics_port=-1, **extra)
     try:
-        with _scorer(model, settings, stride, threshold) as scorer:
+        with _scorer(model, settings, stride, threshold, mask_rule) as scorer:
             name = scorer.info.name
             out = out or Path("out") / "evaluate" / f"{name}-{kind}"
             fitted = [fit_pair(p, scorer.info, band_numbers, scale_to_uint8) for p in pairs]
@@ -157,6 +166,7 @@ def evaluate(
         "models_dir": None if settings is None else str(settings.models_dir),
         "stride": result.model.stride,
         "threshold": threshold,
+        "mask_rule": mask_rule,
         "bands": list(band_numbers) if band_numbers else None,
         "scale_to_uint8": scale_to_uint8,
         "limit": limit,
@@ -175,16 +185,23 @@ def evaluate(
 
 
 def _scorer(
-    model: str, settings: ServerSettings | None, stride: int, threshold: float | None
+    model: str,
+    settings: ServerSettings | None,
+    stride: int,
+    threshold: float | None,
+    mask_rule: str,
 ) -> AbstractContextManager[Scorer]:
     """The baseline, or (with ``settings``) the model served in-process, stopped on exit."""
     import contextlib
 
+    from serving.errors import InvalidInput
     from training.evaluation import CvaScorer, served_scorer
 
     if settings is None:
+        if mask_rule != "threshold":
+            raise InvalidInput(f"--mask-rule {mask_rule} gates a served model; cva has none")
         return contextlib.nullcontext(CvaScorer(stride, threshold))
-    return served_scorer(settings, model, stride, threshold)
+    return served_scorer(settings, model, stride, threshold, mask_rule)
 
 
 def _run(pairs: list[ScenePair], scorer: Scorer, out: Path) -> Evaluation:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from serving.api import change_detection_pb2 as pb
 from serving.client import ChangeDetectionClient, image_message
+from serving.cva import change_magnitude
 from serving.pictures import encode_png
 from serving.server import SERVICE_NAME
 from serving.tiling import grid
@@ -100,6 +101,33 @@ def test_options_stride_and_threshold(client: ChangeDetectionClient, pair) -> No
     assert everything.changed_fraction == 1.0
 
 
+def test_cva_gated_mask_rule(client: ChangeDetectionClient, pair) -> None:
+    plain = client.detect(pair.before, pair.after, encoding=pb.PROBABILITY_ENCODING_RAW_FLOAT16)
+    gated = client.detect(
+        pair.before,
+        pair.after,
+        encoding=pb.PROBABILITY_ENCODING_RAW_FLOAT16,
+        mask_rule=pb.MASK_RULE_CVA_GATED,
+    )
+    r = gated.response
+    assert plain.response.mask_rule == pb.MASK_RULE_THRESHOLD and plain.response.gated_cut == 0
+    assert r.mask_rule == pb.MASK_RULE_CVA_GATED and r.threshold == 0 and r.gated_cut > 0
+    # the same probability map, a different mask: CVA x probability above its Otsu cut, per pixel
+    assert np.array_equal(gated.probability, plain.probability)
+    score = change_magnitude(pair.before, pair.after, np.float32) * gated.probability
+    margin = 1e-2 * r.gated_cut  # the float16 map moves scores near the cut
+    assert gated.mask[score > r.gated_cut + margin].all()
+    assert not gated.mask[score < r.gated_cut - margin].any()
+    assert not np.array_equal(gated.mask, plain.mask)
+    assert r.changed_fraction == pytest.approx(gated.mask.mean())
+    for region in r.regions:  # regions follow the gated mask
+        box = gated.mask[
+            region.box.row : region.box.row + region.box.height,
+            region.box.col : region.box.col + region.box.width,
+        ]
+        assert box.sum() >= region.area_px
+
+
 def test_large_message_over_grpc_default_limit(client: ChangeDetectionClient) -> None:
     big = render_pair(3, SceneConfig(height=1400, width=1400, n_changes=0))
     request_bytes = big.before.nbytes + big.after.nbytes
@@ -151,6 +179,13 @@ def _grey_png(h: int, w: int) -> bytes:
         ("png", "png", {"stride": 1000}, grpc.StatusCode.INVALID_ARGUMENT),
         ("png", "png", {"threshold": 1.5}, grpc.StatusCode.INVALID_ARGUMENT),
         ("png", "png", {"outputs": [99]}, grpc.StatusCode.INVALID_ARGUMENT),
+        ("png", "png", {"mask_rule": 99}, grpc.StatusCode.INVALID_ARGUMENT),
+        (
+            "png",
+            "png",
+            {"mask_rule": pb.MASK_RULE_CVA_GATED, "threshold": 0.5},
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
     ],
 )
 def test_bad_requests_get_clear_status(client, pair, before, after, options, code) -> None:

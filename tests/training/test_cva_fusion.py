@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from training.baselines.cva import cva
+from serving.cva import cva
 from training.datasets.scenes import ScenePair
 from training.evaluation import pixel_counts
 from training.experiments.cva_fusion import best_threshold, f1_curve, measure

@@ -21,10 +21,10 @@ from rasterio.transform import Affine
 
 from serving.cli.main import cli
 from serving.config import ServerSettings
+from serving.cva import cva, gated_mask
 from serving.detector import ChangeDetectionCore, DetectRequest
 from serving.models import ModelRepository
 from serving.quality import auroc, binary_scores
-from training.baselines.cva import cva
 from training.datasets.folder import load_folder
 from training.datasets.scenes import ScenePair
 from training.evaluation import (
@@ -353,6 +353,37 @@ def test_cva_end_to_end_with_threshold_and_stride(folder: Path, tmp_path: Path) 
     assert results["pairs"][0]["pixels"]["predicted"] == predicted
 
 
+def test_cva_gated_mask_rule_end_to_end(
+    folder: Path, tmp_path: Path, repository: ModelRepository
+) -> None:
+    out = tmp_path / "gated"
+    args = ["--dataset", f"folder:{folder}", "--models-dir", str(BUNDLED), "--out", str(out)]
+    code, output = run("--model", THIN, *args, "--mask-rule", "cva-gated")
+    assert code == 0, output
+    results = check_outputs(out, ["p0", "p1"])
+    assert (
+        results["model"]["threshold"] is None
+        and "cva-gated" in results["model"]["threshold_method"]
+    )
+    core = ChangeDetectionCore(repository)
+    for pair, got in zip(load_folder(folder), results["pairs"], strict=True):
+        det = core.detect(DetectRequest(pair.before, pair.after, model=THIN, mask_rule="cva-gated"))
+        mask, cut = gated_mask(pair.before, pair.after, det.probability)
+        assert np.array_equal(det.mask, mask) and det.gated_cut == cut
+        counts = pixel_counts(mask, pair.mask.astype(bool))
+        assert {k: got["pixels"][k] for k in ("tp", "fp", "fn", "tn")} == counts.as_dict()
+        assert got["threshold"] == pytest.approx(cut)
+        # AUROC is the model's map's, whatever the mask rule
+        assert got["pixels"]["auroc"] == pytest.approx(auroc(det.probability, pair.mask), abs=1e-6)
+        patches = patch_counts(mask.astype(np.float32), pair.mask, 32, 8, 0.5)
+        assert got["patches"]["tp"] == patches.counts.tp
+    # a threshold means nothing to the gated rule, and CVA has no model to gate it
+    code, output = run("--model", THIN, *args, "--mask-rule", "cva-gated", "--threshold", "0.5")
+    assert code == 2 and "threshold" in output
+    code, output = run("--model", "cva", *args, "--mask-rule", "cva-gated")
+    assert code == 2 and "served model" in output
+
+
 def test_default_out_folder(folder: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     code, output = run("--model", "cva", "--dataset", f"folder:{folder}", "--limit", "1")
@@ -498,7 +529,7 @@ def test_evaluate_runs_with_torch_unimportable(folder: Path, tmp_path: Path) -> 
         sys.modules["torch"] = None  # any `import torch` now raises ImportError
         from click.testing import CliRunner
         from serving.cli.main import cli
-        import training.evaluation, training.baselines.cva
+        import training.evaluation, serving.cva
         for model, out in (("cva", "c"), ("{THIN}", "t")):
             r = CliRunner().invoke(cli, ["evaluate", "--model", model, "--dataset",
                                          "folder:{folder}", "--models-dir", "{BUNDLED}",

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.config import ServerSettings
-from training.baselines.cva import change_magnitude, cva, otsu_threshold
+from serving.cva import change_magnitude, cva, otsu_threshold
 from training.datasets.registry import load_dataset
 from training.datasets.scenes import ScenePair
 from training.evaluation import pixel_counts, served_scorer, write_atomic

@@ -5,7 +5,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.baselines.cva import change_magnitude, cva, otsu_threshold, standardise
+from serving import cva as cva_module
+from serving.cva import (
+    band_moments,
+    change_magnitude,
+    cva,
+    gated_mask,
+    otsu_threshold,
+    standardise,
+)
 
 
 def brute_force_otsu(values: np.ndarray) -> float:
@@ -121,3 +129,44 @@ def test_bins_do_not_matter_while_levels_stay_apart() -> None:
     values = np.array([0, 1, 1, 2, 9, 10, 10, 11], np.float64)
     for bins in (16, 64, 256, 1024):
         assert otsu_threshold(values, bins) == 2.0
+
+
+# ----------------------------------------------------------------- bounded memory, gating
+
+
+@pytest.mark.parametrize("strip_values", [1, 7, 100, 1 << 19])
+def test_strips_change_nothing(monkeypatch: pytest.MonkeyPatch, strip_values: int) -> None:
+    """Moments, magnitude and Otsu summed strip by strip equal the whole-array computation."""
+    rng = np.random.default_rng(5)
+    before = rng.integers(0, 4000, (23, 17, 4)).astype(np.uint16)
+    after = rng.integers(0, 4000, (23, 17, 4)).astype(np.uint16)
+    x = before.astype(np.float64)
+    z = lambda a: (a - a.mean(axis=(0, 1))) / a.std(axis=(0, 1))  # noqa: E731
+    reference = np.sqrt(((z(after.astype(np.float64)) - z(x)) ** 2).sum(axis=2))
+    whole_otsu = otsu_threshold(reference)
+    monkeypatch.setattr(cva_module, "STRIP_VALUES", strip_values)
+    mean, std = band_moments(before)
+    np.testing.assert_allclose(mean, x.mean(axis=(0, 1)), rtol=1e-12)
+    np.testing.assert_allclose(std, x.std(axis=(0, 1)), rtol=1e-12)
+    np.testing.assert_allclose(change_magnitude(before, after), reference, rtol=1e-10)
+    assert otsu_threshold(reference) == whole_otsu
+    with_nan = reference.copy()
+    with_nan[3, 4] = np.nan  # ignored, wherever the chunk boundaries fall
+    assert otsu_threshold(with_nan) == otsu_threshold(np.delete(reference.ravel(), 3 * 17 + 4))
+
+
+def test_gated_mask_keeps_what_the_model_calls_real() -> None:
+    rng = np.random.default_rng(6)
+    before = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8)
+    after = before.copy()
+    after[10:18, 20:30] += 120  # a real change
+    after[30:36, 5:15] += 110  # a trivial one, as bright
+    probability = np.full((40, 48), 0.05, np.float32)
+    probability[8:20, 18:32] = 0.95  # the model's verdict, patch-blurred
+    mask, cut = gated_mask(before, after, probability)
+    assert mask[10:18, 20:30].all() and mask.sum() == 80  # the real change, to the pixel
+    assert cva(before, after).mask[30:36, 5:15].all()  # CVA alone takes both
+    score = change_magnitude(before, after, np.float32) * probability
+    assert np.array_equal(mask, score > cut)
+    with pytest.raises(ValueError, match="does not fit"):
+        gated_mask(before, after, probability[:-1])

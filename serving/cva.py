@@ -16,7 +16,14 @@ Otsu's method. Choices, so that the numbers can be reproduced and argued with:
 * **Probability.** ``m`` min-max scaled to [0, 1] per pair, float32: a score for AUROC (which a
   monotone rescaling does not change within a pair), not a calibrated probability.
 
-numpy only: this runs in the torch-free evaluation command.
+* **Gating** (:func:`gated_mask`): the serving path's optional mask rule. A learned model scores
+  16-32 px patches, so its mask is blurred at the scale of small changes, while CVA localises to
+  the pixel but cannot tell a real change from a trivial one; ``m * p`` (``p`` the stitched
+  probability map) keeps the pixels where both agree, cut by Otsu per pair. Measured on the
+  bundled models' held-out pairs by ``training/experiments/cva_fusion.py``.
+
+numpy only, and in bounded memory: strips of rows keep the float64 intermediates a few MB, so a
+16k x 16k pair in the server costs its float32 magnitude map and no more.
 """
 
 from __future__ import annotations
@@ -29,8 +36,10 @@ __all__ = [
     "NOISE_FLOOR",
     "OTSU_BINS",
     "CvaResult",
+    "band_moments",
     "change_magnitude",
     "cva",
+    "gated_mask",
     "otsu_threshold",
     "standardise",
 ]
@@ -52,54 +61,109 @@ class CvaResult:
     probability_threshold: float  # the same threshold on the probability scale
 
 
+# float64 values per strip of rows: a few MB of intermediates, whatever the image size
+STRIP_VALUES = 1 << 19
+
+
+def _strips(height: int, values_per_row: int) -> range:
+    return range(0, height, max(1, STRIP_VALUES // max(1, values_per_row)))
+
+
+def band_moments(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and standard deviation (float64, shape (C,)) of an (H, W, C) image, summed
+    over strips (two passes, as np.std does) instead of one float64 copy of the image."""
+    if image.ndim != 3:
+        raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
+    h, w, c = image.shape
+    n = max(1, h * w)
+    step = _strips(h, w * c).step
+    total = np.zeros(c)
+    for r in range(0, h, step):
+        total += image[r : r + step].sum(axis=(0, 1), dtype=np.float64)
+    mean = total / n
+    squares = np.zeros(c)
+    for r in range(0, h, step):
+        d = image[r : r + step].astype(np.float64) - mean
+        squares += np.einsum("hwc,hwc->c", d, d)
+    return mean, np.sqrt(squares / n)
+
+
 def standardise(image: np.ndarray) -> np.ndarray:
     """(H, W, C) -> float64 z-scores per band with this image's own statistics (a constant band
     becomes zeros), so that bands are comparable and global gain/offset drops out."""
-    x = np.asarray(image, dtype=np.float64)
-    if x.ndim != 3:
-        raise ValueError(f"expected an (H, W, C) image, got shape {x.shape}")
-    mean = x.mean(axis=(0, 1), keepdims=True)
-    std = x.std(axis=(0, 1), keepdims=True)
-    return (x - mean) / np.where(std > 0, std, 1.0)
+    mean, std = band_moments(image)
+    return (np.asarray(image, np.float64) - mean) / np.where(std > 0, std, 1.0)
 
 
-def change_magnitude(before: np.ndarray, after: np.ndarray) -> np.ndarray:
+def change_magnitude(
+    before: np.ndarray, after: np.ndarray, dtype: type[np.floating] = np.float64
+) -> np.ndarray:
     """(H, W) length of the per-date standardised spectral difference vector (0 below
-    :data:`NOISE_FLOOR`)."""
+    :data:`NOISE_FLOOR`), computed in float64 strip by strip and stored as ``dtype``."""
     if before.shape != after.shape:
         raise ValueError(f"before {before.shape} and after {after.shape} differ")
-    diff = standardise(after) - standardise(before)
-    magnitude = np.sqrt(np.einsum("hwc,hwc->hw", diff, diff))
-    magnitude[magnitude < NOISE_FLOOR] = 0.0
-    return magnitude
+    (mb, sb), (ma, sa) = band_moments(before), band_moments(after)
+    sb, sa = np.where(sb > 0, sb, 1.0), np.where(sa > 0, sa, 1.0)
+    h, w, c = before.shape
+    out = np.empty((h, w), dtype)
+    for r in _strips(h, w * c):
+        rows = slice(r, r + _strips(h, w * c).step)
+        diff = (after[rows] - ma) / sa - (before[rows] - mb) / sb
+        m = np.sqrt(np.einsum("hwc,hwc->hw", diff, diff))
+        m[m < NOISE_FLOOR] = 0.0
+        out[rows] = m
+    return out
 
 
 def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
     """Otsu's threshold of ``values``: the split of a ``bins``-bin histogram that maximises the
     between-class variance, returned as the largest value of the lower class (so ``values > t``
     is the upper class). Class means come from the values, not from bin centres, so a histogram
-    fine enough to hold one distinct value per bin gives the exact Otsu split.
-    Constant input: that value (nothing is above it)."""
+    fine enough to hold one distinct value per bin gives the exact Otsu split. Non-finite values
+    are ignored. Constant input: that value (nothing is above it). Histogrammed in chunks, so a
+    whole image's map needs no float64 copy."""
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
-    v = np.asarray(values, dtype=np.float64).ravel()
-    v = v[np.isfinite(v)]
-    if v.size == 0:
+    flat = np.asarray(values).reshape(-1)
+    chunks = [flat[i : i + STRIP_VALUES] for i in range(0, flat.size, STRIP_VALUES)]
+    finite = [v[np.isfinite(v)].astype(np.float64) for v in chunks]
+    finite = [v for v in finite if v.size]
+    if not finite:
         raise ValueError("no finite values to threshold")
-    lo, hi = float(v.min()), float(v.max())
+    lo, hi = min(float(v.min()) for v in finite), max(float(v.max()) for v in finite)
     if lo == hi:
         return hi
-    index = np.minimum(((v - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
-    count = np.bincount(index, minlength=bins).astype(np.float64)
-    total = np.bincount(index, weights=v, minlength=bins)
+
+    def index(v: np.ndarray) -> np.ndarray:
+        return np.minimum(((v - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
+
+    count, total = np.zeros(bins), np.zeros(bins)
+    for v in finite:
+        i = index(v)
+        count += np.bincount(i, minlength=bins)
+        total += np.bincount(i, weights=v, minlength=bins)
+    size = count.sum()
     w0, s0 = np.cumsum(count)[:-1], np.cumsum(total)[:-1]  # lower class = bins 0..k
-    w1, s1 = v.size - w0, total.sum() - s0
+    w1, s1 = size - w0, total.sum() - s0
     valid = (w0 > 0) & (w1 > 0)
     mu0 = np.divide(s0, w0, out=np.zeros_like(s0), where=valid)
     mu1 = np.divide(s1, w1, out=np.zeros_like(s1), where=valid)
     between = np.where(valid, w0 * w1 * (mu0 - mu1) ** 2, -1.0)
     k = int(np.argmax(between))  # the first of equal maxima: empty bins change nothing
-    return float(v[index <= k].max())
+    return max(float(v[index(v) <= k].max(initial=-np.inf)) for v in finite)
+
+
+def gated_mask(
+    before: np.ndarray, after: np.ndarray, probability: np.ndarray, bins: int = OTSU_BINS
+) -> tuple[np.ndarray, float]:
+    """The mask of CVA's magnitude gated by a probability map (``m * p > Otsu``), and the cut on
+    ``m * p``. The float32 score map is the only full-size intermediate."""
+    if probability.shape != before.shape[:2]:
+        raise ValueError(f"probability {probability.shape} does not fit {before.shape[:2]}")
+    score = change_magnitude(before, after, np.float32)
+    score *= probability
+    cut = otsu_threshold(score, bins)
+    return score > cut, cut
 
 
 def cva(before: np.ndarray, after: np.ndarray, bins: int = OTSU_BINS) -> CvaResult:
