@@ -104,6 +104,9 @@ def test_cells_cross_fold_thresholds_and_resume(folder: Path, tmp_path: Path) ->
     assert cell["n_positives"] == 1 and cell["fold"] == "p1"
     assert sum(cell["hist"]["positive"]) + sum(cell["hist"]["negative"]) == 96 * 96
     assert 0.0 <= cell["auroc"] <= 1.0
+    # the cva-gated mask rule, scored on the same map: Otsu's cut and the F1 it gives
+    assert cell["gated"]["cut"] >= 0 and 0.0 <= cell["gated"]["f1"] <= 1.0
+    assert "gated" not in json.loads((study.cells_dir / "p1_cva.json").read_text())
 
     summary = json.loads((results / f"{study.name}.json").read_text())
     row = next(r for r in summary["rows"] if (r["method"], r["budget"]) == ("ours", "1"))
@@ -118,6 +121,9 @@ def test_cells_cross_fold_thresholds_and_resume(folder: Path, tmp_path: Path) ->
     assert set(summary["cva"]) == {"p0", "p1", "p2"}
     md = (results / f"{study.name}.md").read_text()
     assert "| ours | 1 | 1 | 3 |" in md and "CVA + Otsu" in md
+    gated = [recs[f]["gated"]["f1"] for f in ("p0", "p1", "p2")]
+    assert row["mean_gated_f1"] == pytest.approx(np.mean(gated))
+    assert row["per_fold"]["p2"]["gated_f1"] == recs["p2"]["gated"]["f1"]
 
     # resume: nothing left to do, and no cell is rewritten
     before = {p: p.stat().st_mtime_ns for p in study.cells_dir.iterdir()}

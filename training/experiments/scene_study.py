@@ -256,6 +256,7 @@ class SceneStudy:
         seconds = time.perf_counter() - t0
         pair = self.held_out(fold)
         scored = self.score_served(result.checkpoint, pair)
+        gated = gated_scores(pair, scored.probability)
         import torch
 
         payload = torch.load(result.checkpoint, map_location="cpu", weights_only=False)
@@ -274,6 +275,7 @@ class SceneStudy:
             train_info,
             seconds,
             self.command(fold, method, budget, seed),
+            gated,
         )
         for f in ("finetune_last.pt", "checkpoint.pt"):  # the fold's pre-training is kept
             (cell_dir / f).unlink(missing_ok=True)
@@ -305,6 +307,7 @@ class SceneStudy:
         train_info: dict[str, Any],
         seconds: float,
         command: str,
+        gated: dict[str, float] | None = None,
     ) -> None:
         from serving.quality import auroc
         from training.evaluation import pixel_counts
@@ -329,6 +332,7 @@ class SceneStudy:
                 "own": counts.scores(),
                 "auroc": auroc(scored.probability, truth),
                 "hist": histograms(scored.probability, truth),
+                **({"gated": gated} if gated is not None else {}),
             },
         )
 
@@ -371,10 +375,15 @@ class SceneStudy:
                     else math.nan,
                     "mean_auroc": statistics.fmean(by_fold[f]["auroc"] for f in folds),
                     "mean_oracle_f1": statistics.fmean(by_fold[f]["own"]["f1"] for f in folds),
+                    # the serving path's cva-gated mask rule: Otsu per pair, no threshold to carry
+                    "mean_gated_f1": statistics.fmean(by_fold[f]["gated"]["f1"] for f in folds)
+                    if all("gated" in by_fold[f] for f in folds)
+                    else math.nan,
                     "per_fold": {
                         f: {
                             "auroc": by_fold[f]["auroc"],
                             "oracle_f1": by_fold[f]["own"]["f1"],
+                            "gated_f1": by_fold[f].get("gated", {}).get("f1", math.nan),
                             "n_positives": by_fold[f].get("n_positives"),
                         }
                         for f in folds
@@ -395,6 +404,16 @@ class SceneStudy:
         tmp = self.results_dir / f".{self.name}.md.tmp"
         tmp.write_text(md)
         tmp.replace(self.results_dir / f"{self.name}.md")
+
+
+def gated_scores(pair: Any, probability: np.ndarray) -> dict[str, float]:
+    """Pixel scores of the serving path's cva-gated mask rule on the held-out pair, and its cut:
+    computed from the served map exactly as the server does (serving.cva.gated_mask)."""
+    from serving.cva import gated_mask
+    from training.evaluation import pixel_counts
+
+    mask, cut = gated_mask(pair.before, pair.after, probability)
+    return {**pixel_counts(mask, pair.mask.astype(bool)).scores(), "cut": cut}
 
 
 def _ms(values: list[float]) -> str:
@@ -420,8 +439,8 @@ def render_markdown(data: dict[str, Any], s: StudySettings) -> str:
         "Means ± standard deviations over seeds; a seed counts once it has every fold.",
         "",
         "| method | positives | seeds | folds | pooled F1 (cross-fold) | mean F1 (cross-fold) "
-        "| mean AUROC | mean oracle F1 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| mean AUROC | mean oracle F1 | mean F1 (CVA-gated) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     by: dict[tuple[str, str], list[dict]] = {}
     for r in data["rows"]:
@@ -439,13 +458,14 @@ def render_markdown(data: dict[str, Any], s: StudySettings) -> str:
         lines.append(
             f"| {method} | {budget} | {seeds} | {len(folds)} | "
             f"{_ms([r['pooled_f1'] for r in done])} | {_ms([r['mean_f1'] for r in done])} | "
-            f"{_ms([r['mean_auroc'] for r in done])} | {_ms([r['mean_oracle_f1'] for r in done])} |"
+            f"{_ms([r['mean_auroc'] for r in done])} | {_ms([r['mean_oracle_f1'] for r in done])} "
+            f"| {_ms([r.get('mean_gated_f1', math.nan) for r in done])} |"
         )
     if cva:
         lines.append(
             f"| CVA + Otsu | none | - | {len(cva)} | - | "
             f"{_ms([v['f1'] for v in cva.values()])} | {_ms([v['auroc'] for v in cva.values()])} "
-            "| - |"
+            "| - | - |"
         )
     first = min((r["seed"] for r in data["rows"]), default=0)
     lines += [
@@ -453,8 +473,8 @@ def render_markdown(data: dict[str, Any], s: StudySettings) -> str:
         f"## Per fold, seed {first}",
         "",
         "| held-out pair | method | positives | positives used | F1 (cross-fold) | "
-        "threshold | oracle F1 | AUROC | CVA F1 | CVA AUROC |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "threshold | oracle F1 | AUROC | F1 (CVA-gated) | CVA F1 | CVA AUROC |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in data["rows"]:
         if r["seed"] != first:
@@ -466,7 +486,8 @@ def render_markdown(data: dict[str, Any], s: StudySettings) -> str:
             lines.append(
                 f"| {f} | {r['method']} | {r['budget']} | {pf['n_positives']} | "
                 f"{cf.get('f1', math.nan):.3f} | {cf.get('threshold', math.nan):.3f} | "
-                f"{pf['oracle_f1']:.3f} | {pf['auroc']:.3f} | {c.get('f1', math.nan):.3f} | "
+                f"{pf['oracle_f1']:.3f} | {pf['auroc']:.3f} | "
+                f"{pf.get('gated_f1', math.nan):.3f} | {c.get('f1', math.nan):.3f} | "
                 f"{c.get('auroc', math.nan):.3f} |"
             )
     return "\n".join(lines) + "\n"
