@@ -193,3 +193,10 @@ def test_serve_refuses_invalid_settings_naming_them(
     result = CliRunner().invoke(cli, ["serve", *args])
     assert result.exit_code == 2, result.output
     assert "invalid settings" in result.output and named in result.output
+
+
+def test_the_clis_mask_rules_are_the_servers() -> None:
+    from serving.cli.options import MASK_RULES
+    from serving.detector import MASK_RULES as SERVER_RULES
+
+    assert MASK_RULES == SERVER_RULES

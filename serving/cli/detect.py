@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from serving.cli.options import mask_rule_option
+
 if TYPE_CHECKING:
     import grpc
     import numpy as np
@@ -174,14 +176,7 @@ def rpc_failure(exc: grpc.RpcError, server: str) -> click.ClickException:
 @click.option("--model", default="", help="Model name (default: the server's default).")
 @click.option("--stride", type=int, default=0, help="Patch stride in pixels (0: the model's).")
 @click.option("--threshold", type=float, default=None, help="Decision threshold (model's default).")
-@click.option(
-    "--mask-rule",
-    type=click.Choice(["threshold", "cva-gated"]),
-    default="threshold",
-    show_default=True,
-    help="threshold: probability >= --threshold. cva-gated: change vector analysis times the "
-    "probability, cut by Otsu per pair (sharper for changes smaller than a patch).",
-)
+@mask_rule_option
 @click.option("--timeout", type=float, default=120.0, show_default=True, help="Seconds.")
 @click.option("--tls", is_flag=True, help="Use TLS with the system's root certificates.")
 @click.option("--tls-ca", type=_FILE, default=None, help="CA certificate (PEM) to trust: TLS.")

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from serving.cli.argv import command_line
+from serving.cli.options import mask_rule_option
 
 if TYPE_CHECKING:
     from contextlib import AbstractContextManager
@@ -61,14 +62,7 @@ BASELINES = ("cva",)
     default=None,
     help="Decision threshold on the probability (default: the model's; cva: Otsu per pair).",
 )
-@click.option(
-    "--mask-rule",
-    type=click.Choice(["threshold", "cva-gated"]),
-    default="threshold",
-    show_default=True,
-    help="threshold: probability >= --threshold. cva-gated: change vector analysis times the "
-    "probability, cut by Otsu per pair (served models only).",
-)
+@mask_rule_option
 @click.option(
     "--bands",
     default=None,

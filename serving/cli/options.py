@@ -1,0 +1,18 @@
+"""Click options that more than one subcommand takes, defined once so they read alike."""
+
+from __future__ import annotations
+
+import click
+
+# serving.detector.MASK_RULES, spelt out: the CLI's help must not import numpy or the server
+MASK_RULES = ("threshold", "cva-gated")
+
+mask_rule_option = click.option(
+    "--mask-rule",
+    type=click.Choice(MASK_RULES),
+    default="threshold",
+    show_default=True,
+    help="threshold: probability >= --threshold. cva-gated: change vector analysis times the "
+    "probability, cut by Otsu per pair (sharper for changes smaller than a patch; served models "
+    "only).",
+)
