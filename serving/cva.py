@@ -28,6 +28,7 @@ numpy only, and in bounded memory: strips of rows keep the float64 intermediates
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,8 +107,9 @@ def change_magnitude(
     sb, sa = np.where(sb > 0, sb, 1.0), np.where(sa > 0, sa, 1.0)
     h, w, c = before.shape
     out = np.empty((h, w), dtype)
-    for r in _strips(h, w * c):
-        rows = slice(r, r + _strips(h, w * c).step)
+    strips = _strips(h, w * c)
+    for r in strips:
+        rows = slice(r, r + strips.step)
         diff = (after[rows] - ma) / sa - (before[rows] - mb) / sb
         m = np.sqrt(np.einsum("hwc,hwc->hw", diff, diff))
         m[m < NOISE_FLOOR] = 0.0
@@ -125,12 +127,18 @@ def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
     flat = np.asarray(values).reshape(-1)
-    chunks = [flat[i : i + STRIP_VALUES] for i in range(0, flat.size, STRIP_VALUES)]
-    finite = [v[np.isfinite(v)].astype(np.float64) for v in chunks]
-    finite = [v for v in finite if v.size]
-    if not finite:
+
+    def chunks() -> Iterator[np.ndarray]:  # one float64 chunk alive at a time, per pass
+        for i in range(0, flat.size, STRIP_VALUES):
+            v = flat[i : i + STRIP_VALUES]
+            v = v[np.isfinite(v)].astype(np.float64)
+            if v.size:
+                yield v
+
+    extremes = [(float(v.min()), float(v.max())) for v in chunks()]
+    if not extremes:
         raise ValueError("no finite values to threshold")
-    lo, hi = min(float(v.min()) for v in finite), max(float(v.max()) for v in finite)
+    lo, hi = min(e[0] for e in extremes), max(e[1] for e in extremes)
     if lo == hi:
         return hi
 
@@ -138,7 +146,7 @@ def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
         return np.minimum(((v - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
 
     count, total = np.zeros(bins), np.zeros(bins)
-    for v in finite:
+    for v in chunks():
         i = index(v)
         count += np.bincount(i, minlength=bins)
         total += np.bincount(i, weights=v, minlength=bins)
@@ -150,7 +158,7 @@ def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
     mu1 = np.divide(s1, w1, out=np.zeros_like(s1), where=valid)
     between = np.where(valid, w0 * w1 * (mu0 - mu1) ** 2, -1.0)
     k = int(np.argmax(between))  # the first of equal maxima: empty bins change nothing
-    return max(float(v[index(v) <= k].max(initial=-np.inf)) for v in finite)
+    return max(float(v[index(v) <= k].max(initial=-np.inf)) for v in chunks())
 
 
 def gated_mask(

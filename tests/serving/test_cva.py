@@ -170,3 +170,21 @@ def test_gated_mask_keeps_what_the_model_calls_real() -> None:
     assert np.array_equal(mask, score > cut)
     with pytest.raises(ValueError, match="does not fit"):
         gated_mask(before, after, probability[:-1])
+
+
+def test_gated_mask_memory_is_bounded_by_its_outputs() -> None:
+    """A whole-image float64 standardisation of this pair would take 3 x 100 MB; strips keep the
+    peak near the float32 score map (16 MB) and the mask (4 MB)."""
+    import tracemalloc
+
+    rng = np.random.default_rng(7)
+    before = rng.integers(0, 255, (2048, 2048, 3), dtype=np.uint8)
+    after = rng.integers(0, 255, (2048, 2048, 3), dtype=np.uint8)
+    probability = rng.random((2048, 2048), dtype=np.float32)
+    tracemalloc.start()
+    try:
+        gated_mask(before, after, probability)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 48 * 2**20, f"peak {peak / 2**20:.0f} MB"
