@@ -28,7 +28,7 @@ numpy only, and in bounded memory: strips of rows keep the float64 intermediates
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,11 +37,13 @@ __all__ = [
     "NOISE_FLOOR",
     "OTSU_BINS",
     "CvaResult",
+    "Moments",
     "band_moments",
     "change_magnitude",
     "cva",
     "gated_mask",
     "otsu_threshold",
+    "otsu_threshold_of",
     "standardise",
 ]
 
@@ -70,23 +72,46 @@ def _strips(height: int, values_per_row: int) -> range:
     return range(0, height, max(1, STRIP_VALUES // max(1, values_per_row)))
 
 
+class Moments:
+    """Per-band count, mean and sum of squared deviations, accumulated block by block (Chan et
+    al.'s pairwise update), for rasters read a window at a time: a block's own two-pass
+    moments, then merged, so nothing is lost to cancellation however many blocks come."""
+
+    def __init__(self, channels: int) -> None:
+        self.n = 0
+        self.mean = np.zeros(channels)
+        self.m2 = np.zeros(channels)
+
+    def add(self, pixels: np.ndarray) -> None:
+        """``pixels``: (N, C), any dtype."""
+        n = len(pixels)
+        if not n:
+            return
+        mean = pixels.sum(axis=0, dtype=np.float64) / n
+        d = pixels.astype(np.float64) - mean
+        m2 = np.einsum("nc,nc->c", d, d)
+        total = self.n + n
+        delta = mean - self.mean
+        self.mean = self.mean + delta * (n / total)
+        self.m2 = self.m2 + m2 + delta**2 * (self.n * n / total)
+        self.n = total
+
+    @property
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / max(1, self.n))
+
+
 def band_moments(image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-band mean and standard deviation (float64, shape (C,)) of an (H, W, C) image, summed
-    over strips (two passes, as np.std does) instead of one float64 copy of the image."""
+    """Per-band mean and standard deviation (float64, shape (C,)) of an (H, W, C) image, strip by
+    strip instead of one float64 copy of the image."""
     if image.ndim != 3:
         raise ValueError(f"expected an (H, W, C) image, got shape {image.shape}")
     h, w, c = image.shape
-    n = max(1, h * w)
-    step = _strips(h, w * c).step
-    total = np.zeros(c)
-    for r in range(0, h, step):
-        total += image[r : r + step].sum(axis=(0, 1), dtype=np.float64)
-    mean = total / n
-    squares = np.zeros(c)
-    for r in range(0, h, step):
-        d = image[r : r + step].astype(np.float64) - mean
-        squares += np.einsum("hwc,hwc->c", d, d)
-    return mean, np.sqrt(squares / n)
+    acc = Moments(c)
+    strips = _strips(h, w * c)
+    for r in strips:
+        acc.add(image[r : r + strips.step].reshape(-1, c))
+    return acc.mean, acc.std
 
 
 def standardise(image: np.ndarray) -> np.ndarray:
@@ -97,13 +122,21 @@ def standardise(image: np.ndarray) -> np.ndarray:
 
 
 def change_magnitude(
-    before: np.ndarray, after: np.ndarray, dtype: type[np.floating] = np.float64
+    before: np.ndarray,
+    after: np.ndarray,
+    dtype: type[np.floating] = np.float64,
+    moments: tuple[Moments, Moments] | None = None,
 ) -> np.ndarray:
     """(H, W) length of the per-date standardised spectral difference vector (0 below
-    :data:`NOISE_FLOOR`), computed in float64 strip by strip and stored as ``dtype``."""
+    :data:`NOISE_FLOOR`), computed in float64 strip by strip and stored as ``dtype``. With
+    ``moments`` (before's, after's) the z-scores use them instead of these pixels' own: a
+    window of a raster standardised by the whole raster's statistics."""
     if before.shape != after.shape:
         raise ValueError(f"before {before.shape} and after {after.shape} differ")
-    (mb, sb), (ma, sa) = band_moments(before), band_moments(after)
+    if moments is None:
+        (mb, sb), (ma, sa) = band_moments(before), band_moments(after)
+    else:
+        (mb, sb), (ma, sa) = ((m.mean, m.std) for m in moments)
     sb, sa = np.where(sb > 0, sb, 1.0), np.where(sa > 0, sa, 1.0)
     h, w, c = before.shape
     out = np.empty((h, w), dtype)
@@ -124,18 +157,27 @@ def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
     fine enough to hold one distinct value per bin gives the exact Otsu split. Non-finite values
     are ignored. Constant input: that value (nothing is above it). Histogrammed in chunks, so a
     whole image's map needs no float64 copy."""
+    flat = np.asarray(values).reshape(-1)
+    return otsu_threshold_of(
+        lambda: (flat[i : i + STRIP_VALUES] for i in range(0, flat.size, STRIP_VALUES)), bins
+    )
+
+
+def otsu_threshold_of(chunks: Callable[[], Iterable[np.ndarray]], bins: int = OTSU_BINS) -> float:
+    """:func:`otsu_threshold` of the values ``chunks()`` yields, read three times (extremes,
+    histogram, the lower class's largest value): blocks of a raster kept on disk, one in memory
+    at a time."""
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
-    flat = np.asarray(values).reshape(-1)
 
-    def chunks() -> Iterator[np.ndarray]:  # one float64 chunk alive at a time, per pass
-        for i in range(0, flat.size, STRIP_VALUES):
-            v = flat[i : i + STRIP_VALUES]
+    def finite() -> Iterator[np.ndarray]:  # one float64 chunk alive at a time, per pass
+        for chunk in chunks():
+            v = np.asarray(chunk).reshape(-1)
             v = v[np.isfinite(v)].astype(np.float64)
             if v.size:
                 yield v
 
-    extremes = [(float(v.min()), float(v.max())) for v in chunks()]
+    extremes = [(float(v.min()), float(v.max())) for v in finite()]
     if not extremes:
         raise ValueError("no finite values to threshold")
     lo, hi = min(e[0] for e in extremes), max(e[1] for e in extremes)
@@ -146,7 +188,7 @@ def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
         return np.minimum(((v - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
 
     count, total = np.zeros(bins), np.zeros(bins)
-    for v in chunks():
+    for v in finite():
         i = index(v)
         count += np.bincount(i, minlength=bins)
         total += np.bincount(i, weights=v, minlength=bins)
@@ -158,7 +200,7 @@ def otsu_threshold(values: np.ndarray, bins: int = OTSU_BINS) -> float:
     mu1 = np.divide(s1, w1, out=np.zeros_like(s1), where=valid)
     between = np.where(valid, w0 * w1 * (mu0 - mu1) ** 2, -1.0)
     k = int(np.argmax(between))  # the first of equal maxima: empty bins change nothing
-    return max(float(v[index(v) <= k].max(initial=-np.inf)) for v in chunks())
+    return max(float(v[index(v) <= k].max(initial=-np.inf)) for v in finite())
 
 
 def gated_mask(

@@ -14,6 +14,8 @@ from typing import Any
 
 import click
 
+from serving.cli.options import mask_rule_option
+
 log = logging.getLogger(__name__)
 
 
@@ -73,6 +75,7 @@ def _pair_of_floats(text: str | None) -> tuple[float, float] | None:
     default=None,
     help="Mask threshold (default: the model's).",
 )
+@mask_rule_option
 @click.option(
     "--probability-type",
     type=click.Choice(["float32", "uint8"]),
@@ -149,6 +152,7 @@ def score(
     resampling: str,
     stride: int,
     threshold: float | None,
+    mask_rule: str,
     probability_type: str,
     block_size: int,
     min_area: float,
@@ -196,6 +200,7 @@ def score(
             rescale=_pair_of_floats(rescale),
             stride=stride,
             threshold=threshold,
+            mask_rule=mask_rule,
             probability_dtype=probability_type,  # type: ignore[arg-type]
             block_size=block_size,
             polygons=PolygonOptions(min_area_m2=min_area, simplify_m=simplify, wgs84=wgs84),

@@ -25,8 +25,9 @@ import numpy as np
 import rasterio
 from tqdm import tqdm
 
-from serving import __version__
+from serving import __version__, cva
 from serving.config import ServerSettings
+from serving.detector import MASK_RULES
 from serving.metadata import ModelMetadata
 from serving.models import ModelRepository
 from serving.scoring import blocks as blk
@@ -67,6 +68,9 @@ class ScoreOptions:
     rescale: tuple[float, float] | None = None  # raster values -> the model's input range
     stride: int = 0  # 0: the model's recommended stride
     threshold: float | None = None  # None: the model's default threshold
+    # "threshold", or "cva-gated": CVA's magnitude (z-scores by the whole rasters' valid pixels)
+    # times the probability, cut by Otsu over the scene (serving.cva.gated_mask, block by block)
+    mask_rule: str = "threshold"
     probability_dtype: ProbabilityType = "float32"
     block_size: int = 512
     polygons: PolygonOptions = field(default_factory=PolygonOptions)
@@ -141,6 +145,11 @@ def _score_pair(
         raise UsageProblem(
             f"stride {stride} must be between 1 and the patch size {meta.patch_size}"
         )
+    gated = options.mask_rule == "cva-gated"
+    if options.mask_rule not in MASK_RULES:
+        raise UsageProblem(f"mask rule must be one of {MASK_RULES}, got {options.mask_rule!r}")
+    if gated and options.threshold is not None:
+        raise UsageProblem("a threshold is not used by the cva-gated mask rule (Otsu cuts it)")
     threshold = meta.default_threshold if options.threshold is None else options.threshold
     if not 0.0 <= threshold <= 1.0:
         raise UsageProblem(f"threshold must be in [0, 1], got {threshold}")
@@ -168,6 +177,7 @@ def _score_pair(
     produced = {
         **job,
         "threshold": threshold,
+        **({"mask_rule": options.mask_rule} if gated else {}),
         "outputs": [options.probability_dtype, asdict(options.polygons), options.quicklook],
     }
     pixels = hashlib.sha256(json.dumps(produced, sort_keys=True).encode()).hexdigest()[:16]
@@ -239,7 +249,7 @@ def _score_pair(
         changed_m2 = [0.0]
         tags = {
             "model": f"{meta.name} {meta.version}",
-            "threshold": f"{threshold:.6g}",
+            **({"mask_rule": "cva-gated"} if gated else {"threshold": f"{threshold:.6g}"}),
             "stride": str(stride),
             "software": f"rarechange {__version__}",
         }
@@ -248,13 +258,16 @@ def _score_pair(
         def stage(block: blk.Block, prob: np.ndarray) -> None:
             """A finished block into both COGs' staging rasters (on the staging thread only)."""
             prob_cog.add(block, probability_pixels(prob, options.probability_dtype))
-            m = mask_pixels(prob, threshold)
             counts["valid"] += int((~np.isnan(prob)).sum())
+            if not gated:  # the gated mask needs the whole scene's cut: made after scoring
+                add_mask(block, mask_pixels(prob, threshold))
+            canvas.add_probability(block, prob)
+
+        def add_mask(block: blk.Block, m: np.ndarray) -> None:
             changed = m == 1
             counts["changed"] += int(changed.sum())
             changed_m2[0] += area.of(block, changed)
             mask_cog.add(block, m)
-            canvas.add_probability(block, prob)
 
         t0 = time.perf_counter()
         patches = 0
@@ -317,6 +330,9 @@ def _score_pair(
                 patches += job.patches
                 bar.update(job.block.height * job.block.width)
             staging.drain()
+            gated_cut = None
+            if gated:
+                gated_cut = _gated_masks(pair, plan, store, partial, add_mask)
             score_s = time.perf_counter() - t0
 
             t0 = time.perf_counter()
@@ -363,7 +379,11 @@ def _score_pair(
             "input_dtype": meta.input_dtype,
         },
         "stride": stride,
-        "threshold": threshold,
+        **(
+            {"mask_rule": "cva-gated", "gated_cut": gated_cut}
+            if gated
+            else {"mask_rule": "threshold", "threshold": threshold}
+        ),
         **described,
         "outputs": {name: name for name in OUTPUTS if name != "quicklook.png" or options.quicklook},
         "probability_dtype": options.probability_dtype,
@@ -395,6 +415,41 @@ def _score_pair(
     write_json_atomic(summary_path, summary)
     remove_tree(partial)
     return summary
+
+
+def _gated_masks(
+    pair: RasterPair,
+    plan: list[blk.Block],
+    probabilities: BlockStore,
+    partial: Path,
+    add_mask: Callable[[blk.Block, np.ndarray], None],
+) -> float:
+    """The cva-gated mask of every block, and the scene's cut. Three passes over the blocks, one
+    in memory at a time: the dates' band moments over valid pixels; CVA x probability per block,
+    kept on disk (NaN = nodata) for Otsu's passes; the masks. Kept scores are reused on resume."""
+    fused = BlockStore(partial / "gated")
+    if not all(fused.has(b.index) for b in plan):
+        channels = len(pair.bands_before)
+        moments = (cva.Moments(channels), cva.Moments(channels))
+        for block in plan:
+            before, after, valid = pair.read(block.window)
+            moments[0].add(before[valid])
+            moments[1].add(after[valid])
+        for block in plan:
+            if fused.has(block.index):
+                continue
+            before, after, _ = pair.read(block.window)
+            score = cva.change_magnitude(before, after, np.float32, moments)
+            score *= probabilities.load(block.index)  # NaN where nodata
+            fused.save(block.index, score)
+    cut = cva.otsu_threshold_of(lambda: (fused.load(b.index) for b in plan))
+    for block in plan:
+        score = fused.load(block.index)
+        with np.errstate(invalid="ignore"):
+            m = (score > cut).astype(np.uint8)
+        m[np.isnan(score)] = UINT8_NODATA
+        add_mask(block, m)
+    return cut
 
 
 def _file_info(path: Path) -> dict[str, Any]:

@@ -5,6 +5,7 @@ the exit codes 0 / 1 / 2."""
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -232,6 +233,15 @@ def test_cli_exit_codes(pairs: dict, tmp_path: Path) -> None:
         cli, [*args, "--out", str(tmp_path / "one"), "--resume", "--threshold", "0.1"]
     )
     assert other.exit_code == 2 and "other inputs, model or settings" in other.output
+    gated = runner.invoke(
+        cli, [*args, "--out", str(tmp_path / "g"), "--mask-rule", "cva-gated", "--quiet"]
+    )
+    assert gated.exit_code == 0, gated.output
+    assert json.loads((tmp_path / "g" / "summary.json").read_text())["mask_rule"] == "cva-gated"
+    conflict = runner.invoke(
+        cli, [*args, "--out", str(tmp_path / "h"), "--mask-rule", "cva-gated", "--threshold", "0.5"]
+    )
+    assert conflict.exit_code == 2 and "threshold" in conflict.output
     bands = runner.invoke(cli, [*args, "--out", str(tmp_path / "b"), "--bands", "1,2"])
     assert bands.exit_code == 2 and "--bands" in bands.output
     both = runner.invoke(cli, [*args, "--out", str(tmp_path / "c"), "--resume", "--overwrite"])

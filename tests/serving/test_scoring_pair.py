@@ -55,6 +55,7 @@ from rasterio.crs import CRS
 from rasterio.errors import NotGeoreferencedWarning
 from rasterio.warp import Resampling, reproject, transform_bounds
 
+from serving import cva
 from serving.config import ServerSettings
 from serving.detector import ChangeDetectionCore, DetectRequest
 from serving.metadata import ModelMetadata
@@ -255,6 +256,74 @@ def test_score_pair_equals_the_in_memory_service(
     assert summary["counts"]["blocks"] == len(range(0, 201, block_size)) * len(
         range(0, 163, block_size)
     )
+
+
+@pytest.mark.parametrize("block_size", [40, 1024])
+def test_cva_gated_mask_equals_the_services(
+    tmp_path: Path, scorer: ModelScorer, block_size: int
+) -> None:
+    """Block by block (moments merged, Otsu over blocks kept on disk) the gated mask is the
+    service's, whose moments and Otsu see the whole pair at once."""
+    b, a, before, after = write_pair(tmp_path, 201, 163, seed=1)
+    summary = score(scorer, b, a, tmp_path / "out", block_size=block_size, mask_rule="cva-gated")
+    detection = ChangeDetectionCore(scorer.repository).detect(
+        DetectRequest(
+            before.transpose(1, 2, 0), after.transpose(1, 2, 0), model=MODEL, mask_rule="cva-gated"
+        )
+    )
+    assert summary["mask_rule"] == "cva-gated" and "threshold" not in summary
+    assert summary["gated_cut"] == pytest.approx(detection.gated_cut, rel=1e-5)
+    _, mask = outputs(tmp_path / "out")
+    score_map = (
+        cva.change_magnitude(before.transpose(1, 2, 0), after.transpose(1, 2, 0), np.float32)
+        * detection.probability
+    )
+    clear = np.abs(score_map - detection.gated_cut) > 1e-4 * detection.gated_cut
+    assert np.array_equal(mask[clear] == 1, detection.mask[clear])
+    assert detection.mask.any() and not np.array_equal(detection.mask, score_map > 0)
+    assert summary["counts"]["changed_pixels"] == int((mask == 1).sum())
+    with rasterio.open(tmp_path / "out" / "change_mask.tif") as ds:
+        assert ds.tags()["mask_rule"] == "cva-gated"
+    # the threshold rule's run of the same pair is another product, never "already complete"
+    plain = score(scorer, b, a, tmp_path / "plain", block_size=block_size)
+    assert plain["mask_rule"] == "threshold" and plain["pixels"] != summary["pixels"]
+    with pytest.raises(UsageProblem, match="threshold"):
+        score(scorer, b, a, tmp_path / "x", mask_rule="cva-gated", threshold=0.5)
+
+
+def test_cva_gated_nodata_stays_nodata_and_out_of_the_statistics(
+    tmp_path: Path, scorer: ModelScorer
+) -> None:
+    before, after = synthetic_pair(128, 112, seed=9)
+    before[:, 10:30, 5:45] = 0  # nodata in the before
+    b = write_tif(tmp_path / "b.tif", before, nodata=0)
+    a = write_tif(tmp_path / "a.tif", after)
+    summary = score(scorer, b, a, tmp_path / "out", mask_rule="cva-gated")
+    expected = (before == 0).any(axis=0)
+    assert np.array_equal(nodata_of(tmp_path / "out"), expected)
+    # the moments are the valid pixels' (zeros would drag the before's mean down)
+    valid = ~expected
+    moments = (cva.Moments(3), cva.Moments(3))
+    moments[0].add(before.transpose(1, 2, 0)[valid])
+    moments[1].add(after.transpose(1, 2, 0)[valid])
+    prob, mask = outputs(tmp_path / "out")
+    fused = cva.change_magnitude(
+        before.transpose(1, 2, 0), after.transpose(1, 2, 0), np.float32, moments
+    ) * np.where(valid, prob, np.nan)
+    assert summary["gated_cut"] == pytest.approx(cva.otsu_threshold(fused), rel=1e-5)
+    clear = valid & (np.abs(fused - summary["gated_cut"]) > 1e-4 * summary["gated_cut"])
+    assert np.array_equal(mask[clear] == 1, fused[clear] > summary["gated_cut"])
+
+
+def test_cva_gated_resume_gives_the_same_pixels(tmp_path: Path, scorer: ModelScorer) -> None:
+    b, a, _, _ = write_pair(tmp_path, 256, 224, seed=12)
+    score(scorer, b, a, tmp_path / "ref", mask_rule="cva-gated")
+    out = tmp_path / "out"
+    with pytest.raises(Interrupted):
+        score(StopAfter(scorer, 9), b, a, out, mask_rule="cva-gated")
+    summary = score(scorer, b, a, out, resume=True, mask_rule="cva-gated")
+    assert summary["counts"]["blocks_resumed"] > 0
+    assert same_outputs(out, tmp_path / "ref")
 
 
 # --------------------------------------------------------------------------------------------
