@@ -209,6 +209,13 @@ def parity_inputs(
     return [(draw(n), draw(n)) for n in (1, 7, 64)] + list(real or [])
 
 
+_MASK_RULE_TEXT = {
+    "threshold": "threshold: probability >= the default threshold",
+    "cva-gated": "cva-gated: change vector analysis' per-pixel magnitude x probability, cut by "
+    "Otsu per pair (the threshold applies when a request sets one)",
+}
+
+
 def export_checkpoint(
     checkpoint: Path,
     out_dir: Path,
@@ -219,6 +226,7 @@ def export_checkpoint(
     real_inputs: list[tuple[np.ndarray, np.ndarray]] | None = None,
     recommended_stride: int | None = None,
     commands: dict[str, str] | None = None,
+    default_mask_rule: str = "threshold",
 ) -> ExportResult:
     """Write ``out_dir/model.onnx`` with its metadata, after the parity check passes.
 
@@ -256,6 +264,7 @@ def export_checkpoint(
         or max(1, cfg.patch_size // 4),
         default_threshold=float(np.clip(payload["threshold"], 1e-4, 1 - 1e-4)),
         threshold_method=payload["threshold_method"],
+        default_mask_rule=default_mask_rule,
         training_data=(
             TrainingData(
                 name=data["name"], licence=data["licence"], description=data.get("description", "")
@@ -310,6 +319,7 @@ def write_model_card(
         ("output", "probability that the patch pair changed, float32 [N]"),
         ("recommended stride", f"{meta.recommended_stride} px"),
         ("default threshold", f"{meta.default_threshold:.4f} ({meta.threshold_method})"),
+        ("default mask rule", _MASK_RULE_TEXT[meta.default_mask_rule]),
         ("calibration", str(meta.calibration.get("method", "none"))),
     ]
     if meta.precision != "fp32":
@@ -350,6 +360,13 @@ accuracy is refused.
 |---|---|---|---|---|---|
 {lines}
 """
+    mask_sentence = (
+        f"thresholds it at {meta.default_threshold:.4f}"
+        if meta.default_mask_rule == "threshold"
+        else "makes the mask by the cva-gated rule (change vector analysis' per-pixel magnitude "
+        "times the probability, cut by Otsu on each pair; a request that sets a threshold gets "
+        f"probability >= threshold instead, {meta.default_threshold:.4f} by default)"
+    )
     text = f"""# Model card: {meta.name} {meta.version}
 
 {meta.description}
@@ -358,9 +375,9 @@ accuracy is refused.
 Score co-registered before/after image pairs of the kind described under *Training data* and
 report where something changed, through `rarechange serve` (gRPC `DetectChange`) or
 `rarechange detect`. Serving tiles the pair into {meta.patch_size} px patches at stride
-{meta.recommended_stride}, blends the patch probabilities into a map and thresholds it at
-{meta.default_threshold:.4f}. Imagery unlike the training data (other sensors, resolutions, band
-orders) is out of scope until measured; check the held-out metrics below before trusting a mask.
+{meta.recommended_stride}, blends the patch probabilities into a map and {mask_sentence}.
+Imagery unlike the training data (other sensors, resolutions, band orders) is out of scope
+until measured; check the held-out metrics below before trusting a mask.
 
 | field | value |
 |---|---|

@@ -13,14 +13,11 @@ import numpy as np
 
 from serving import cva, tiling
 from serving.errors import InvalidInput
-from serving.metadata import ModelMetadata
+from serving.metadata import MASK_RULES, ModelMetadata
 from serving.models import ModelRepository
 from serving.regions import Region, find_regions
 
 ALL_OUTPUTS = frozenset({"tiles", "probability_map", "mask", "regions"})
-# how the mask is made: probability >= threshold, or CVA's magnitude gated by the probability
-# (serving.cva.gated_mask), sharper where changes are smaller than a patch
-MASK_RULES = ("threshold", "cva-gated")
 
 
 @dataclass(frozen=True)
@@ -31,7 +28,8 @@ class DetectRequest:
     model_version: str = ""
     stride: int = 0  # 0: the model's recommended stride
     threshold: float | None = None  # None: the model's default threshold
-    mask_rule: str = "threshold"  # one of MASK_RULES
+    # one of MASK_RULES; None: "threshold" when a threshold is given, else the model's default
+    mask_rule: str | None = None
     outputs: frozenset[str] = ALL_OUTPUTS
     min_region_area_px: int = 0
     deadline: float | None = None  # time.monotonic() seconds
@@ -70,9 +68,8 @@ class ChangeDetectionCore:
             raise InvalidInput(
                 f"stride {stride} must be between 1 and the patch size {meta.patch_size}"
             )
-        if req.mask_rule not in MASK_RULES:
-            raise InvalidInput(f"mask_rule must be one of {MASK_RULES}, got {req.mask_rule!r}")
-        gated = req.mask_rule == "cva-gated"
+        rule = resolve_mask_rule(req.mask_rule, req.threshold, meta)
+        gated = rule == "cva-gated"
         if gated and req.threshold is not None:
             raise InvalidInput(
                 "threshold is not used by the cva-gated mask rule (Otsu cuts each pair); unset it"
@@ -129,9 +126,19 @@ class ChangeDetectionCore:
             mask,
             regions,
             timings,
-            mask_rule=req.mask_rule,
+            mask_rule=rule,
             gated_cut=cut,
         )
+
+
+def resolve_mask_rule(rule: str | None, threshold: float | None, meta: ModelMetadata) -> str:
+    """The rule a request gets: the one it names; else a threshold it sets means the threshold
+    rule; else the model's default."""
+    if rule is None:
+        return "threshold" if threshold is not None else meta.default_mask_rule
+    if rule not in MASK_RULES:
+        raise InvalidInput(f"mask_rule must be one of {MASK_RULES}, got {rule!r}")
+    return rule
 
 
 def check_compatible(before: np.ndarray, after: np.ndarray, meta: ModelMetadata) -> None:

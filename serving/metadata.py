@@ -20,6 +20,10 @@ SCHEMA_VERSION = 1
 KEY_PREFIX = "rarechange."
 INPUT_NAMES = ("before", "after")
 OUTPUT_NAME = "probability"
+# how a mask is made from the probability map: probability >= threshold, or change vector
+# analysis' magnitude times the probability cut by Otsu per pair (serving.cva.gated_mask)
+MASK_RULES = ("threshold", "cva-gated")
+MaskRule = Literal["threshold", "cva-gated"]
 
 
 def _field_error(field: str, message: str) -> PydanticCustomError:
@@ -55,6 +59,9 @@ class ModelMetadata(BaseModel):
     recommended_stride: int = Field(ge=1)
     default_threshold: float = Field(gt=0, lt=1)
     threshold_method: str
+    # the mask rule a request gets unless it names one or sets a threshold; added to schema 1
+    # with a default, so models exported before it read as "threshold"
+    default_mask_rule: MaskRule = "threshold"
     calibration: dict[str, Any] = Field(default_factory=lambda: {"method": "none"})
     # fp32 as trained, or a reduced-precision variant of the fp32 model with the same name stem
     precision: Literal["fp32", "fp16", "int8"] = "fp32"

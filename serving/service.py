@@ -49,7 +49,7 @@ OUTPUT_NAMES = {
     pb.OUTPUT_REGIONS: "regions",
 }
 MASK_RULE_NAMES = {
-    pb.MASK_RULE_UNSPECIFIED: "threshold",
+    pb.MASK_RULE_UNSPECIFIED: None,  # the model's default (the threshold rule if one is set)
     pb.MASK_RULE_THRESHOLD: "threshold",
     pb.MASK_RULE_CVA_GATED: "cva-gated",
 }
@@ -242,6 +242,7 @@ class ChangeDetectionServicer(pb_grpc.ChangeDetectionServicer):
             input_dtype=m.input_dtype,
             recommended_stride=m.recommended_stride,
             default_threshold=m.default_threshold,
+            default_mask_rule=MASK_RULE_ENUMS[m.default_mask_rule],
             is_default=m.name == self.core.repository.default,
             backend=served.backend_name,
             metadata_json=m.model_dump_json(),

@@ -197,6 +197,6 @@ def test_serve_refuses_invalid_settings_naming_them(
 
 def test_the_clis_mask_rules_are_the_servers() -> None:
     from serving.cli.options import MASK_RULES
-    from serving.detector import MASK_RULES as SERVER_RULES
+    from serving.metadata import MASK_RULES as SERVER_RULES
 
     assert MASK_RULES == SERVER_RULES

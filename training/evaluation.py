@@ -42,7 +42,7 @@ from PIL import Image
 from serving import __version__
 from serving.config import ServerSettings
 from serving.cva import OTSU_BINS, cva
-from serving.detector import MASK_RULES, ChangeDetectionCore, DetectRequest
+from serving.detector import ChangeDetectionCore, DetectRequest, resolve_mask_rule
 from serving.errors import InvalidInput
 from serving.models import ModelRepository
 from serving.pictures import encode_png, to_display
@@ -158,11 +158,10 @@ class ServedScorer:
         name: str = "",
         stride: int = 0,
         threshold: float | None = None,
-        mask_rule: str = "threshold",
+        mask_rule: str | None = None,
     ) -> None:
         meta = repository.get(name).metadata
-        if mask_rule not in MASK_RULES:
-            raise InvalidInput(f"mask rule must be one of {MASK_RULES}, got {mask_rule!r}")
+        mask_rule = resolve_mask_rule(mask_rule, threshold, meta)
         if mask_rule == "cva-gated" and threshold is not None:
             raise InvalidInput("--threshold is not used by the cva-gated mask rule")
         self.mask_rule = mask_rule
@@ -229,7 +228,7 @@ def served_scorer(
     name: str = "",
     stride: int = 0,
     threshold: float | None = None,
-    mask_rule: str = "threshold",
+    mask_rule: str | None = None,
 ) -> Iterator[ServedScorer]:
     """Load every model of ``settings.models_dir`` as the server would, start the batchers, and
     stop them (closing the backends) however the evaluation ends."""

@@ -232,7 +232,7 @@ class DetectChangeChunk(_message.Message):
     def __init__(self, header: _Optional[_Union[StreamHeader, _Mapping]] = ..., before_chunk: _Optional[bytes] = ..., after_chunk: _Optional[bytes] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
-    __slots__ = ("name", "version", "patch_size", "channels", "band_names", "input_dtype", "recommended_stride", "default_threshold", "is_default", "backend", "metadata_json")
+    __slots__ = ("name", "version", "patch_size", "channels", "band_names", "input_dtype", "recommended_stride", "default_threshold", "is_default", "backend", "metadata_json", "default_mask_rule")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     PATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,7 @@ class ModelInfo(_message.Message):
     IS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MASK_RULE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     patch_size: int
@@ -255,7 +256,8 @@ class ModelInfo(_message.Message):
     is_default: bool
     backend: str
     metadata_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., patch_size: _Optional[int] = ..., channels: _Optional[int] = ..., band_names: _Optional[_Iterable[str]] = ..., input_dtype: _Optional[str] = ..., recommended_stride: _Optional[int] = ..., default_threshold: _Optional[float] = ..., is_default: bool = ..., backend: _Optional[str] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    default_mask_rule: MaskRule
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., patch_size: _Optional[int] = ..., channels: _Optional[int] = ..., band_names: _Optional[_Iterable[str]] = ..., input_dtype: _Optional[str] = ..., recommended_stride: _Optional[int] = ..., default_threshold: _Optional[float] = ..., is_default: bool = ..., backend: _Optional[str] = ..., metadata_json: _Optional[str] = ..., default_mask_rule: _Optional[_Union[MaskRule, str]] = ...) -> None: ...
 
 class ListModelsRequest(_message.Message):
     __slots__ = ()

@@ -202,7 +202,7 @@ def detect(
     model: str,
     stride: int,
     threshold: float | None,
-    mask_rule: str,
+    mask_rule: str | None,
     timeout: float,
     tls: bool,
     tls_ca: Path | None,
@@ -254,7 +254,9 @@ def detect(
                 model=model,
                 stride=stride,
                 threshold=threshold,
-                mask_rule=pb.MaskRule.Value("MASK_RULE_" + mask_rule.upper().replace("-", "_")),
+                mask_rule=pb.MaskRule.Value(
+                    "MASK_RULE_" + (mask_rule or "unspecified").upper().replace("-", "_")
+                ),
                 timeout=timeout,
             )
         except grpc.RpcError as exc:

@@ -88,7 +88,7 @@ def evaluate(
     out: Path | None,
     stride: int,
     threshold: float | None,
-    mask_rule: str,
+    mask_rule: str | None,
     bands: str | None,
     scale_to_uint8: bool,
     limit: int | None,
@@ -183,7 +183,7 @@ def _scorer(
     settings: ServerSettings | None,
     stride: int,
     threshold: float | None,
-    mask_rule: str,
+    mask_rule: str | None,
 ) -> AbstractContextManager[Scorer]:
     """The baseline, or (with ``settings``) the model served in-process, stopped on exit."""
     import contextlib
@@ -192,7 +192,7 @@ def _scorer(
     from training.evaluation import CvaScorer, served_scorer
 
     if settings is None:
-        if mask_rule != "threshold":
+        if mask_rule not in (None, "threshold"):
             raise InvalidInput(f"--mask-rule {mask_rule} gates a served model; cva has none")
         return contextlib.nullcontext(CvaScorer(stride, threshold))
     return served_scorer(settings, model, stride, threshold, mask_rule)

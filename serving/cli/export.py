@@ -11,6 +11,7 @@ from pathlib import Path
 import click
 
 from serving.cli.argv import command_line
+from serving.cli.options import MASK_RULES
 
 
 def _commands(run_dir: Path | None) -> dict[str, str]:
@@ -32,6 +33,14 @@ def _commands(run_dir: Path | None) -> dict[str, str]:
 @click.option("--name", default=None, help="Model name (default: the --out folder's name).")
 @click.option("--version", "model_version", default="0.1.0", show_default=True)
 @click.option("--description", default="", help="One paragraph for the model card.")
+@click.option(
+    "--mask-rule",
+    type=click.Choice(MASK_RULES),
+    default="threshold",
+    show_default=True,
+    help="The mask rule requests get unless they name one or set a threshold (metadata "
+    "default_mask_rule): threshold, or cva-gated (change vector analysis x probability, Otsu).",
+)
 @click.option("--int8", "int8", is_flag=True, help="Also write a static-QDQ int8 variant.")
 @click.option("--fp16", "fp16", is_flag=True, help="Also write a float16 variant.")
 @click.option(
@@ -74,6 +83,7 @@ def export(
     name: str | None,
     model_version: str,
     description: str,
+    mask_rule: str,
     int8: bool,
     fp16: bool,
     max_accuracy_loss: float,
@@ -133,6 +143,7 @@ def export(
             description=" ".join(description.split()),
             real_inputs=real_inputs,
             commands=_commands(run_dir),
+            default_mask_rule=mask_rule,
         )
     except (ExportError, ValidationError, ValueError) as exc:
         raise click.ClickException(f"export failed: {exc}") from exc

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import click
 
-# serving.detector.MASK_RULES, spelt out: the CLI's help must not import numpy or the server
+# serving.metadata.MASK_RULES, spelt out: the CLI's help must not import numpy or the server
 MASK_RULES = ("threshold", "cva-gated")
 
 mask_rule_option = click.option(
     "--mask-rule",
     type=click.Choice(MASK_RULES),
-    default="threshold",
-    show_default=True,
+    default=None,
     help="threshold: probability >= --threshold. cva-gated: change vector analysis times the "
     "probability, cut by Otsu per pair (sharper for changes smaller than a patch; served models "
-    "only).",
+    "only). Default: the model's (its card says which), or threshold when --threshold is set.",
 )

@@ -152,7 +152,7 @@ def score(
     resampling: str,
     stride: int,
     threshold: float | None,
-    mask_rule: str,
+    mask_rule: str | None,
     probability_type: str,
     block_size: int,
     min_area: float,

@@ -27,7 +27,8 @@ from tqdm import tqdm
 
 from serving import __version__, cva
 from serving.config import ServerSettings
-from serving.detector import MASK_RULES
+from serving.detector import resolve_mask_rule
+from serving.errors import InvalidInput
 from serving.metadata import ModelMetadata
 from serving.models import ModelRepository
 from serving.scoring import blocks as blk
@@ -69,8 +70,9 @@ class ScoreOptions:
     stride: int = 0  # 0: the model's recommended stride
     threshold: float | None = None  # None: the model's default threshold
     # "threshold", or "cva-gated": CVA's magnitude (z-scores by the whole rasters' valid pixels)
-    # times the probability, cut by Otsu over the scene (serving.cva.gated_mask, block by block)
-    mask_rule: str = "threshold"
+    # times the probability, cut by Otsu over the scene (serving.cva.gated_mask, block by block);
+    # None: the model's default, or "threshold" when a threshold is given
+    mask_rule: str | None = None
     probability_dtype: ProbabilityType = "float32"
     block_size: int = 512
     polygons: PolygonOptions = field(default_factory=PolygonOptions)
@@ -145,9 +147,11 @@ def _score_pair(
         raise UsageProblem(
             f"stride {stride} must be between 1 and the patch size {meta.patch_size}"
         )
-    gated = options.mask_rule == "cva-gated"
-    if options.mask_rule not in MASK_RULES:
-        raise UsageProblem(f"mask rule must be one of {MASK_RULES}, got {options.mask_rule!r}")
+    try:
+        rule = resolve_mask_rule(options.mask_rule, options.threshold, meta)
+    except InvalidInput as exc:
+        raise UsageProblem(str(exc)) from exc
+    gated = rule == "cva-gated"
     if gated and options.threshold is not None:
         raise UsageProblem("a threshold is not used by the cva-gated mask rule (Otsu cuts it)")
     threshold = meta.default_threshold if options.threshold is None else options.threshold
@@ -177,7 +181,7 @@ def _score_pair(
     produced = {
         **job,
         "threshold": threshold,
-        **({"mask_rule": options.mask_rule} if gated else {}),
+        **({"mask_rule": rule} if gated else {}),
         "outputs": [options.probability_dtype, asdict(options.polygons), options.quicklook],
     }
     pixels = hashlib.sha256(json.dumps(produced, sort_keys=True).encode()).hexdigest()[:16]

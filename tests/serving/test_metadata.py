@@ -119,3 +119,14 @@ def test_unknown_field_rejected() -> None:
     props = {**valid().to_props(), KEY_PREFIX + "colour_space": json.dumps("srgb")}
     with pytest.raises(ModelLoadError, match="colour_space"):
         ModelMetadata.from_props(props)
+
+
+def test_default_mask_rule_reads_as_threshold_when_absent_and_round_trips() -> None:
+    assert ModelMetadata.from_props(props_with(default_mask_rule=None)).default_mask_rule == (
+        "threshold"
+    )
+    gated = ModelMetadata.from_props(props_with(default_mask_rule="cva-gated"))
+    assert gated.default_mask_rule == "cva-gated"
+    assert ModelMetadata.from_props(gated.to_props()) == gated
+    with pytest.raises(ModelLoadError, match="default_mask_rule"):
+        ModelMetadata.from_props(props_with(default_mask_rule="otsu"))

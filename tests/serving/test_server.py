@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -18,6 +19,8 @@ from serving.pictures import encode_png
 from serving.server import SERVICE_NAME
 from serving.tiling import grid
 from training.synthetic import SceneConfig, render_pair
+
+BUNDLED = Path(__file__).resolve().parents[2] / "models"
 
 
 @pytest.fixture(scope="module")
@@ -126,6 +129,34 @@ def test_cva_gated_mask_rule(client: ChangeDetectionClient, pair) -> None:
             region.box.col : region.box.col + region.box.width,
         ]
         assert box.sum() >= region.area_px
+
+
+def test_a_models_default_mask_rule(start_server, tmp_path, pair) -> None:
+    """A model exported with default_mask_rule cva-gated: unspecified requests get it, a request
+    that sets a threshold or names the threshold rule gets probability >= threshold."""
+    import onnx
+
+    from serving.metadata import ModelMetadata
+
+    src = BUNDLED / "synthetic-thin" / "model.onnx"
+    model = onnx.load(src)
+    props = {p.key: p.value for p in model.metadata_props}
+    meta = ModelMetadata.from_props(props).model_copy(update={"default_mask_rule": "cva-gated"})
+    onnx.helper.set_model_props(model, {**props, **meta.to_props()})
+    (tmp_path / "synthetic-thin").mkdir()
+    onnx.save(model, tmp_path / "synthetic-thin" / "model.onnx")
+    with ChangeDetectionClient(start_server(tmp_path).address) as c:
+        assert c.get_model().default_mask_rule == pb.MASK_RULE_CVA_GATED
+        assert c.detect(pair.before, pair.after).response.mask_rule == pb.MASK_RULE_CVA_GATED
+        r = c.detect(pair.before, pair.after, threshold=0.5).response
+        assert r.mask_rule == pb.MASK_RULE_THRESHOLD and r.threshold == 0.5
+        named = c.detect(pair.before, pair.after, mask_rule=pb.MASK_RULE_THRESHOLD).response
+        assert named.mask_rule == pb.MASK_RULE_THRESHOLD
+        assert named.threshold == pytest.approx(meta.default_threshold)
+    with ChangeDetectionClient(start_server().address) as c:
+        rules = {m.name: m.default_mask_rule for m in c.list_models()}
+        assert rules["aerial-rgb"] == rules["synthetic-thin"] == pb.MASK_RULE_THRESHOLD
+        assert rules["sentinel2-rgbn"] == pb.MASK_RULE_CVA_GATED  # its card says why
 
 
 def test_large_message_over_grpc_default_limit(client: ChangeDetectionClient) -> None:
