@@ -165,6 +165,15 @@ class ServedScorer:
         if mask_rule == "cva-gated" and threshold is not None:
             raise InvalidInput("--threshold is not used by the cva-gated mask rule")
         self.mask_rule = mask_rule
+        if mask_rule == "cva-gated":
+            shown, method = (
+                None,
+                ("cva-gated: Otsu per pair on CVA magnitude x probability (the cut in z units)"),
+            )
+        elif threshold is not None:
+            shown, method = threshold, "--threshold"
+        else:
+            shown, method = meta.default_threshold, meta.threshold_method
         stride = stride or meta.recommended_stride
         if not 1 <= stride <= meta.patch_size:
             raise InvalidInput(
@@ -177,20 +186,8 @@ class ServedScorer:
             kind="served",
             patch_size=meta.patch_size,
             stride=stride,
-            threshold=(
-                None
-                if mask_rule == "cva-gated"
-                else meta.default_threshold
-                if threshold is None
-                else threshold
-            ),
-            threshold_method=(
-                "cva-gated: Otsu per pair on CVA magnitude x probability (the cut in z units)"
-                if mask_rule == "cva-gated"
-                else "--threshold"
-                if threshold is not None
-                else meta.threshold_method
-            ),
+            threshold=shown,
+            threshold_method=method,
             channels=meta.channels,
             input_dtype=meta.input_dtype,
             band_names=meta.band_names,
