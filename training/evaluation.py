@@ -166,10 +166,8 @@ class ServedScorer:
             raise InvalidInput("--threshold is not used by the cva-gated mask rule")
         self.mask_rule = mask_rule
         if mask_rule == "cva-gated":
-            shown, method = (
-                None,
-                ("cva-gated: Otsu per pair on CVA magnitude x probability (the cut in z units)"),
-            )
+            shown = None
+            method = "cva-gated: Otsu per pair on CVA magnitude x probability (the cut in z units)"
         elif threshold is not None:
             shown, method = threshold, "--threshold"
         else:
