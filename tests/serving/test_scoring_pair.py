@@ -49,6 +49,9 @@ import numpy as np
 import pytest
 import rasterio
 import rasterio.env
+import rasterio.warp
+import shapely
+import shapely.geometry
 from affine import Affine
 from PIL import Image
 from rasterio.crs import CRS
@@ -605,6 +608,32 @@ def test_polygons_on_a_geographic_grid_have_areas_in_m2(tmp_path: Path) -> None:
     expected = 100 * (np.radians(1e-4) * 6_371_008.8) ** 2 * np.cos(lat)
     assert f["properties"]["area_m2"] == pytest.approx(expected, rel=0.01)
     assert f["properties"]["pixels"] == 100
+
+
+@pytest.mark.parametrize("lat", [0.0, 24.4, -45.0, 70.0, 84.0])
+def test_small_geographic_polygons_measured_without_projecting(lat: float) -> None:
+    """Specks of a pixel-sharp mask on a 10 m geographic grid: the local ellipsoidal scale gives
+    the equal-area projection's area (pixel polygons: edges along meridians and parallels)."""
+    from shapely.geometry import box
+    from shapely.ops import unary_union
+
+    from serving.scoring import polygons as poly
+
+    px = 1e-4
+    shapes = [
+        box(10, lat, 10 + px, lat + px),  # one pixel
+        unary_union([box(10, lat, 10 + 40 * px, lat + px), box(10, lat, 10 + px, lat + 90 * px)]),
+        box(10, lat, 10 + 99 * px, lat + 99 * px),  # just under SMALL_DEGREES
+    ]
+    for world in shapes:
+        c = world.centroid
+        laea = CRS.from_proj4(f"+proj=laea +lat_0={c.y} +lon_0={c.x} +units=m +datum=WGS84")
+        projected = shapely.geometry.shape(
+            rasterio.warp.transform_geom(poly.WGS84, laea, shapely.geometry.mapping(world))
+        ).area
+        assert poly._area_m2(world, poly.WGS84, 1.0) == pytest.approx(projected, rel=1e-7)
+    big = box(10, lat, 10 + 2 * poly.SMALL_DEGREES, lat + px)  # projected, as before
+    assert poly._area_m2(big, poly.WGS84, 1.0) > 0
 
 
 @pytest.mark.parametrize("connectivity", [8, 4])
