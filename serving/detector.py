@@ -70,10 +70,6 @@ class ChangeDetectionCore:
             )
         rule = resolve_mask_rule(req.mask_rule, req.threshold, meta)
         gated = rule == "cva-gated"
-        if gated and req.threshold is not None:
-            raise InvalidInput(
-                "threshold is not used by the cva-gated mask rule (Otsu cuts each pair); unset it"
-            )
         threshold = meta.default_threshold if req.threshold is None else req.threshold
         if not 0.0 <= threshold <= 1.0 or not np.isfinite(threshold):
             raise InvalidInput(f"threshold must be in [0, 1], got {threshold}")
@@ -133,11 +129,15 @@ class ChangeDetectionCore:
 
 def resolve_mask_rule(rule: str | None, threshold: float | None, meta: ModelMetadata) -> str:
     """The rule a request gets: the one it names; else a threshold it sets means the threshold
-    rule; else the model's default."""
+    rule; else the model's default. Naming the gated rule and a threshold is a contradiction."""
     if rule is None:
         return "threshold" if threshold is not None else meta.default_mask_rule
     if rule not in MASK_RULES:
         raise InvalidInput(f"mask_rule must be one of {MASK_RULES}, got {rule!r}")
+    if rule == "cva-gated" and threshold is not None:
+        raise InvalidInput(
+            "threshold is not used by the cva-gated mask rule (Otsu cuts each pair); unset it"
+        )
     return rule
 
 

@@ -162,8 +162,6 @@ class ServedScorer:
     ) -> None:
         meta = repository.get(name).metadata
         mask_rule = resolve_mask_rule(mask_rule, threshold, meta)
-        if mask_rule == "cva-gated" and threshold is not None:
-            raise InvalidInput("--threshold is not used by the cva-gated mask rule")
         self.mask_rule = mask_rule
         if mask_rule == "cva-gated":
             shown = None

@@ -152,8 +152,6 @@ def _score_pair(
     except InvalidInput as exc:
         raise UsageProblem(str(exc)) from exc
     gated = rule == "cva-gated"
-    if gated and options.threshold is not None:
-        raise UsageProblem("a threshold is not used by the cva-gated mask rule (Otsu cuts it)")
     threshold = meta.default_threshold if options.threshold is None else options.threshold
     if not 0.0 <= threshold <= 1.0:
         raise UsageProblem(f"threshold must be in [0, 1], got {threshold}")
