@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+from rasterio.windows import Window
 from tqdm import tqdm
 
 from serving import __version__, cva
@@ -179,7 +180,7 @@ def _score_pair(
     produced = {
         **job,
         "threshold": threshold,
-        **({"mask_rule": rule} if gated else {}),
+        **({"mask_rule": rule, "gate_window": cva.GATE_WINDOW} if gated else {}),
         "outputs": [options.probability_dtype, asdict(options.polygons), options.quicklook],
     }
     pixels = hashlib.sha256(json.dumps(produced, sort_keys=True).encode()).hexdigest()[:16]
@@ -382,7 +383,7 @@ def _score_pair(
         },
         "stride": stride,
         **(
-            {"mask_rule": "cva-gated", "gated_cut": gated_cut}
+            {"mask_rule": "cva-gated", "gated_cut": gated_cut, "gate_window": cva.GATE_WINDOW}
             if gated
             else {"mask_rule": "threshold", "threshold": threshold}
         ),
@@ -427,9 +428,11 @@ def _gated_masks(
     add_mask: Callable[[blk.Block, np.ndarray], None],
 ) -> float:
     """The cva-gated mask of every block, and the scene's cut. Three passes over the blocks, one
-    in memory at a time: the dates' band moments over valid pixels; CVA x probability per block,
-    kept on disk (NaN = nodata) for Otsu's passes; the masks. Kept scores are reused on resume."""
-    fused = BlockStore(partial / "gated")
+    in memory at a time: the dates' band moments over valid pixels; CVA (window-averaged over a
+    halo read around the block, so blocks join seamlessly) x probability per block, kept on disk
+    (NaN = nodata) for Otsu's passes; the masks. Kept scores are reused on resume."""
+    fused = BlockStore(partial / f"gated-w{cva.GATE_WINDOW}")
+    r = cva.GATE_WINDOW // 2
     if not all(fused.has(b.index) for b in plan):
         channels = len(pair.bands_before)
         moments = (cva.Moments(channels), cva.Moments(channels))
@@ -440,8 +443,14 @@ def _gated_masks(
         for block in plan:
             if fused.has(block.index):
                 continue
-            before, after, _ = pair.read(block.window)
-            score = cva.change_magnitude(before, after, np.float32, moments)
+            top, left = max(0, block.row - r), max(0, block.col - r)
+            bottom = min(pair.grid.height, block.row + block.height + r)
+            right = min(pair.grid.width, block.col + block.width + r)
+            before, after, valid = pair.read(Window(left, top, right - left, bottom - top))
+            score = cva.gate_magnitude(before, after, moments, valid)[
+                block.row - top : block.row - top + block.height,
+                block.col - left : block.col - left + block.width,
+            ]
             score *= probabilities.load(block.index)  # NaN where nodata
             fused.save(block.index, score)
     cut = cva.otsu_threshold_of(lambda: (fused.load(b.index) for b in plan))

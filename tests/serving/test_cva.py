@@ -8,9 +8,12 @@ import pytest
 from serving import cva as cva_module
 from serving.cva import (
     band_moments,
+    box_mean,
     change_magnitude,
     cva,
+    gate_magnitude,
     gated_mask,
+    moments_of,
     otsu_threshold,
     standardise,
 )
@@ -155,6 +158,73 @@ def test_strips_change_nothing(monkeypatch: pytest.MonkeyPatch, strip_values: in
     assert otsu_threshold(with_nan) == otsu_threshold(np.delete(reference.ravel(), 3 * 17 + 4))
 
 
+def brute_force_box_mean(values: np.ndarray, valid: np.ndarray, size: int) -> np.ndarray:
+    r = size // 2
+    out = np.zeros(values.shape)
+    for y, x in np.ndindex(values.shape):
+        win = (slice(max(0, y - r), y + r + 1), slice(max(0, x - r), x + r + 1))
+        if valid[win].any():
+            out[y, x] = values[win][valid[win]].mean()
+    return out
+
+
+def test_box_mean_hand_computed() -> None:
+    values = np.array([[0.0, 3.0], [6.0, 9.0], [12.0, 15.0]])
+    # every pixel of a 3 x 2 array sees the neighbours inside it only: no zeros from outside
+    expected = [[4.5, 4.5], [7.5, 7.5], [10.5, 10.5]]
+    np.testing.assert_allclose(box_mean(values, size=3), expected)
+    valid = np.array([[True, False], [True, True], [False, False]])
+    # invalid pixels are not neighbours: (0 + 6 + 9) / 3 = 5; (6 + 9) / 2 for the bottom row
+    np.testing.assert_allclose(box_mean(values, valid, 3), [[5, 5], [5, 5], [7.5, 7.5]])
+    # 5 x 5 reaches every pixel of this array from every pixel: the mean of all (valid) values
+    np.testing.assert_allclose(box_mean(values, size=5), np.full((3, 2), 7.5))
+    np.testing.assert_allclose(box_mean(values, valid, 5), np.full((3, 2), 5.0))
+    np.testing.assert_array_equal(box_mean(values, size=1), values)
+    np.testing.assert_array_equal(box_mean(values, np.zeros((3, 2), bool)), np.zeros((3, 2)))
+    for bad in (0, 2, -1):
+        with pytest.raises(ValueError, match="odd"):
+            box_mean(values, size=bad)
+
+
+@pytest.mark.parametrize("size", [1, 3, 5])
+@pytest.mark.parametrize("shape", [(1, 1), (2, 7), (9, 4), (13, 11)])
+def test_box_mean_equals_brute_force(size: int, shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(size * 100 + shape[0])
+    values = rng.random(shape)
+    valid = rng.random(shape) > 0.3
+    np.testing.assert_allclose(
+        box_mean(values, valid, size), brute_force_box_mean(values, valid, size), rtol=1e-12
+    )
+    all_valid = np.ones(shape, bool)
+    np.testing.assert_allclose(
+        box_mean(values, size=size), brute_force_box_mean(values, all_valid, size), rtol=1e-12
+    )
+
+
+@pytest.mark.parametrize("strip_values", [1, 13, 1 << 19])
+def test_gate_magnitude_in_strips_and_windows_is_the_whole_images(
+    monkeypatch: pytest.MonkeyPatch, strip_values: int
+) -> None:
+    """Strips with halo rows, and any window read with a GATE_WINDOW // 2 halo (as batch scoring
+    reads its blocks), give exactly the whole image's values: blocks join without seams."""
+    rng = np.random.default_rng(8)
+    before = rng.integers(0, 4000, (29, 23, 4)).astype(np.uint16)
+    after = rng.integers(0, 4000, (29, 23, 4)).astype(np.uint16)
+    whole = box_mean(change_magnitude(before, after)).astype(np.float32)
+    r = cva_module.GATE_WINDOW // 2
+    monkeypatch.setattr(cva_module, "STRIP_VALUES", strip_values)
+    np.testing.assert_array_equal(gate_magnitude(before, after), whole)
+    moments = (moments_of(before), moments_of(after))
+    for top, left, h, w in [(0, 0, 5, 7), (10, 6, 8, 9), (24, 16, 5, 7)]:
+        t, l_ = max(0, top - r), max(0, left - r)
+        b, r_ = min(29, top + h + r), min(23, left + w + r)
+        part = gate_magnitude(before[t:b, l_:r_], after[t:b, l_:r_], moments)
+        np.testing.assert_array_equal(
+            part[top - t : top - t + h, left - l_ : left - l_ + w],
+            whole[top : top + h, left : left + w],
+        )
+
+
 def test_gated_mask_keeps_what_the_model_calls_real() -> None:
     rng = np.random.default_rng(6)
     before = rng.integers(0, 60, (40, 48, 3)).astype(np.uint8)
@@ -164,9 +234,10 @@ def test_gated_mask_keeps_what_the_model_calls_real() -> None:
     probability = np.full((40, 48), 0.05, np.float32)
     probability[8:20, 18:32] = 0.95  # the model's verdict, patch-blurred
     mask, cut = gated_mask(before, after, probability)
-    assert mask[10:18, 20:30].all() and mask.sum() == 80  # the real change, to the pixel
+    # the real change, to within the 5 x 5 window's two-pixel fringe; none of the trivial one
+    assert mask[10:18, 20:30].all() and mask[8:20, 18:32].sum() == mask.sum() < 12 * 14
     assert cva(before, after).mask[30:36, 5:15].all()  # CVA alone takes both
-    score = change_magnitude(before, after, np.float32) * probability
+    score = gate_magnitude(before, after) * probability
     assert np.array_equal(mask, score > cut)
     with pytest.raises(ValueError, match="does not fit"):
         gated_mask(before, after, probability[:-1])

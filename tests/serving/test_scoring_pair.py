@@ -278,7 +278,7 @@ def test_cva_gated_mask_equals_the_services(
     assert summary["gated_cut"] == pytest.approx(detection.gated_cut, rel=1e-5)
     _, mask = outputs(tmp_path / "out")
     score_map = (
-        cva.change_magnitude(before.transpose(1, 2, 0), after.transpose(1, 2, 0), np.float32)
+        cva.gate_magnitude(before.transpose(1, 2, 0), after.transpose(1, 2, 0))
         * detection.probability
     )
     clear = np.abs(score_map - detection.gated_cut) > 1e-4 * detection.gated_cut
@@ -310,8 +310,8 @@ def test_cva_gated_nodata_stays_nodata_and_out_of_the_statistics(
     moments[0].add(before.transpose(1, 2, 0)[valid])
     moments[1].add(after.transpose(1, 2, 0)[valid])
     prob, mask = outputs(tmp_path / "out")
-    fused = cva.change_magnitude(
-        before.transpose(1, 2, 0), after.transpose(1, 2, 0), np.float32, moments
+    fused = cva.gate_magnitude(
+        before.transpose(1, 2, 0), after.transpose(1, 2, 0), moments, valid
     ) * np.where(valid, prob, np.nan)
     assert summary["gated_cut"] == pytest.approx(cva.otsu_threshold(fused), rel=1e-5)
     clear = valid & (np.abs(fused - summary["gated_cut"]) > 1e-4 * summary["gated_cut"])

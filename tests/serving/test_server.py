@@ -14,7 +14,7 @@ from PIL import Image
 
 from serving.api import change_detection_pb2 as pb
 from serving.client import ChangeDetectionClient, image_message
-from serving.cva import change_magnitude
+from serving.cva import gate_magnitude
 from serving.pictures import encode_png
 from serving.server import SERVICE_NAME
 from serving.tiling import grid
@@ -117,7 +117,7 @@ def test_cva_gated_mask_rule(client: ChangeDetectionClient, pair) -> None:
     assert r.mask_rule == pb.MASK_RULE_CVA_GATED and r.threshold == 0 and r.gated_cut > 0
     # the same probability map, a different mask: CVA x probability above its Otsu cut, per pixel
     assert np.array_equal(gated.probability, plain.probability)
-    score = change_magnitude(pair.before, pair.after, np.float32) * gated.probability
+    score = gate_magnitude(pair.before, pair.after) * gated.probability
     margin = 1e-2 * r.gated_cut  # the float16 map moves scores near the cut
     assert gated.mask[score > r.gated_cut + margin].all()
     assert not gated.mask[score < r.gated_cut - margin].any()

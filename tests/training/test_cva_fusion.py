@@ -59,3 +59,19 @@ def test_a_gate_on_the_real_change_removes_the_trivial_one() -> None:
         assert by[p.name, 1.0].f1_otsu > 0.95  # the gated score does not
         assert by[p.name, 1.0].f1_oracle >= by[p.name, 1.0].f1_otsu
         assert by[p.name, 1.0].f1_cross > 0.95  # the other pair's threshold transfers here
+
+
+def test_the_window_quiets_single_pixel_noise_and_window_1_is_the_raw_magnitude() -> None:
+    rng = np.random.default_rng(3)
+    p = pair(4, "noisy")
+    after = p.after.copy()
+    after[30:36, 5:15] = p.before[30:36, 5:15]  # no trivial block here: salt instead
+    ys, xs = rng.integers(0, 40, 60), rng.integers(0, 48, 60)
+    after[ys, xs] = np.clip(p.before[ys, xs].astype(int) + 150, 0, 255)  # isolated bright pixels
+    after[p.mask == 1] = np.clip(p.before[p.mask == 1].astype(int) + 120, 0, 255)
+    noisy = ScenePair("noisy", p.before, after, p.mask, p.bands)
+    ones = [np.ones(p.mask.shape, np.float32)]
+    rows, alone = measure([noisy], ones, (0.0,), (1, 3))
+    by = {r.window: r for r in rows}
+    assert by[1].f1_otsu == pytest.approx(alone["noisy"]["cva_otsu"])  # window 1: CVA itself
+    assert by[3].f1_otsu > by[1].f1_otsu + 0.1  # the salt falls below the cut once averaged
