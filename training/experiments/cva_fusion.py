@@ -210,6 +210,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "cva": alone,
         "rows": [asdict(r) for r in rows],
     }
+    args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"cva_fusion_{args.model}{'_' + args.tag if args.tag else ''}"
     write_atomic(stem.with_suffix(".json"), (json.dumps(payload, indent=1) + "\n").encode())
     title = f"{info.name} {info.version}, stride {info.stride}"
