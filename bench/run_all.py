@@ -50,6 +50,13 @@ SCRIPTS: list[tuple[str, str, list[str], list[str]]] = [
         ["--model", "synthetic-thin", "--seconds", "1", "--rounds", "1", "--concurrency", "16"],
     ),
     (
+        "compute_ceiling",
+        "Compute ceiling: the default model's GFLOP/s by batch size against ONNX Runtime's "
+        "MatMul peak (how much batching can gain on this CPU)",
+        [],
+        ["--seconds", "0.5", "--rounds", "1"],
+    ),
+    (
         "ort_vs_torch",
         "ONNX Runtime vs PyTorch eager, same model and weights",
         [],
