@@ -126,16 +126,19 @@ def changed_areas(
         if value != 1:
             continue  # unchanged (0) and nodata (255)
         world = shape(geom)
-        p_max, p_mean, pixels = _zonal(prob_ds, shapely.affinity.affine_transform(world, affine))
+        pixel_poly = shapely.affinity.affine_transform(world, affine)
+        p_max, p_mean, pixels = _zonal(prob_ds, pixel_poly, mask_ds)
         yield world, p_max, p_mean, pixels
 
 
-def _zonal(prob_ds: Any, pixel_poly: Any) -> tuple[float, float, int]:
+def _zonal(prob_ds: Any, pixel_poly: Any, mask_ds: Any = None) -> tuple[float, float, int]:
     """(max, mean, count) of the probabilities under a polygon given in pixel coordinates.
 
     Read in strips of at most ZONAL_PIXELS of the polygon's bounding window, each with the part
     of the polygon inside it: one change may span the scene (a flood), and its window whole would
-    be a scene's worth of memory."""
+    be a scene's worth of memory. The polygon is one connected change of ``mask_ds``: where the
+    changed pixels of its window are exactly as many as its area, they are its pixels (its own
+    pixels lie among them), and rasterising it (most of the cost of a speck) is skipped."""
     minx, miny, maxx, maxy = pixel_poly.bounds  # pixel edges: whole numbers up to rounding
     c0, r0 = max(0, math.floor(minx + 1e-6)), max(0, math.floor(miny + 1e-6))
     c1 = min(prob_ds.width, math.ceil(maxx - 1e-6))
@@ -148,13 +151,9 @@ def _zonal(prob_ds: Any, pixel_poly: Any) -> tuple[float, float, int]:
         part = pixel_poly if h == r1 - r0 else shapely.clip_by_rect(pixel_poly, c0, r, c1, r + h)
         if part.is_empty:
             continue
-        values = prob_ds.read(1, window=Window(c0, r, c1 - c0, h))
-        if abs(part.area - values.size) < 1e-6:  # the polygon is its window (a speck, a block)
-            inside = np.ones(values.shape, bool)
-        else:
-            inside = rasterio.features.geometry_mask(
-                [part], out_shape=values.shape, transform=Affine.translation(c0, r), invert=True
-            )
+        window = Window(c0, r, c1 - c0, h)
+        values = prob_ds.read(1, window=window)
+        inside = _pixels_of(part, window, mask_ds)
         if nodata is not None:
             inside &= values != nodata
         chosen = values[inside]
@@ -166,6 +165,23 @@ def _zonal(prob_ds: Any, pixel_poly: Any) -> tuple[float, float, int]:
         return float("nan"), float("nan"), 0
     scale = prob_ds.scales[0]  # a uint8 map carries its scale
     return top * scale, total / count * scale, count
+
+
+def _pixels_of(part: Any, window: Window, mask_ds: Any) -> np.ndarray:
+    """Which pixels of ``window`` the pixel-edged polygon ``part`` covers."""
+    shape_ = (round(window.height), round(window.width))
+    if abs(part.area - shape_[0] * shape_[1]) < 1e-6:  # the polygon is its window (a speck)
+        return np.ones(shape_, bool)
+    if mask_ds is not None:
+        changed = mask_ds.read(1, window=window) == 1
+        if abs(part.area - np.count_nonzero(changed)) < 1e-6:
+            return changed  # no other change reaches into the window: these are its pixels
+    return rasterio.features.geometry_mask(
+        [part],
+        out_shape=shape_,
+        transform=Affine.translation(window.col_off, window.row_off),
+        invert=True,
+    )
 
 
 def metres_per_unit(crs: CRS | None) -> float:

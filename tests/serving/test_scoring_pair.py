@@ -555,6 +555,58 @@ def test_polygon_statistics_read_in_strips_equal_the_whole_window(
             assert a["properties"] == pytest.approx(b["properties"], rel=1e-9)
 
 
+@pytest.mark.parametrize("connectivity", [4, 8])
+def test_polygon_pixels_taken_from_the_mask_unless_another_change_is_in_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, connectivity: int
+) -> None:
+    """A polygon's pixels are the changed pixels of its window when they are exactly as many as
+    its area; a ring with an island in its hole, or a neighbour across a corner under
+    4-connectivity, puts other changes in the window, and only then is the polygon rasterised.
+    Either way the statistics are those of the connected change."""
+    from scipy import ndimage
+
+    mask = np.zeros((30, 30), np.uint8)
+    mask[2:12, 2:12] = 1
+    mask[4:10, 4:10] = 0  # a ring...
+    mask[6:8, 6:8] = 1  # ...with an island in its hole
+    mask[20:25, 2] = mask[24, 2:7] = 1  # an L...
+    mask[21, 4] = 1  # ...with a pixel in its window (apart under either connectivity)
+    mask[20:24, 20:23] = 1  # a block
+    mask[24, 23] = 1  # its corner neighbour (8-connected to it, apart under 4)
+    mask[15, 5:9] = 1  # a bar
+    rng = np.random.default_rng(3)
+    prob = rng.uniform(0, 1, mask.shape).astype(np.float32)
+    m = write_tif(tmp_path / "m.tif", mask[None], nodata=UINT8_NODATA)
+    p = write_tif(tmp_path / "p.tif", prob[None], nodata=PROBABILITY_NODATA)
+    rasterised = []
+    real = rasterio.features.geometry_mask
+    monkeypatch.setattr(
+        rasterio.features,
+        "geometry_mask",
+        lambda shapes, **kw: rasterised.append(shapes) or real(shapes, **kw),
+    )
+    info = write_geojson(tmp_path / "g.geojson", m, p, PolygonOptions(connectivity=connectivity))
+    structure = np.ones((3, 3), bool) if connectivity == 8 else None
+    labels, n = ndimage.label(mask == 1, structure=structure)
+    index = np.arange(1, n + 1)
+    want = sorted(
+        zip(
+            ndimage.sum_labels(mask == 1, labels, index).astype(int).tolist(),
+            ndimage.mean(prob.astype(np.float64), labels, index).tolist(),
+            strict=True,
+        )
+    )
+    feats = features_of(tmp_path / "g.geojson")
+    got = sorted((f["properties"]["pixels"], f["properties"]["mean_probability"]) for f in feats)
+    assert info["polygons"] == n == (7 if connectivity == 4 else 6)
+    assert [g[0] for g in got] == [w[0] for w in want]
+    np.testing.assert_allclose([g[1] for g in got], [w[1] for w in want], atol=1e-6)
+    # rasterised: the ring and the L (another change in their windows); never the bar, the
+    # block (with its corner neighbour under 8-connectivity: the window's changed pixels are
+    # its own) or a lone pixel
+    assert len(rasterised) == 2
+
+
 def features_of_file(write: Any, path: Path, m: Path, p: Path) -> list[dict[str, Any]]:
     write(path, m, p, PolygonOptions())
     return json.loads(path.read_text())["features"]
