@@ -69,6 +69,23 @@ SCRIPTS: list[tuple[str, str, list[str], list[str]]] = [
         [],
         ["--sizes", "512,1024", "--throughput-size", "512", "--seconds", "2", "--rounds", "1"],
     ),
+    (
+        "score_geotiff",
+        "Batch scoring under the cva-gated mask rule: Mpx/s and peak RSS by raster size",
+        ["--mask-rule", "cva-gated", "--rounds", "1"],
+        [
+            "--mask-rule",
+            "cva-gated",
+            "--sizes",
+            "512,1024",
+            "--throughput-size",
+            "512",
+            "--seconds",
+            "2",
+            "--rounds",
+            "1",
+        ],
+    ),
     ("gpu_providers", "GPU: TensorRT FP16 vs CUDA fp32 vs CPU", [], []),
 ]
 

@@ -16,9 +16,12 @@ One run, side by side:
   memory does not depend on the stride beyond the block's patch buffer, which is bounded.
 
 Pairs are written once into ``--data`` (tiled uint8 RGB GeoTIFFs, block by block, so writing a
-16k pair does not need 16k in memory) and reused.
+16k pair does not need 16k in memory) and reused. ``--mask-rule cva-gated`` measures the same
+under the gated mask rule (its three extra passes over the blocks, and the scene's fused scores
+kept on disk for Otsu: 4 bytes a pixel while the run lasts).
 
 Usage: python bench/score_geotiff.py [--sizes 1024,4096,16384] [--throughput-size 2048]
+       [--mask-rule threshold|cva-gated]
 """
 
 from __future__ import annotations
@@ -104,7 +107,9 @@ def child(args: argparse.Namespace) -> None:
             after,
             Path(tmp) / "out",
             scorer,
-            ScoreOptions(stride=args.stride, block_size=args.block_size),
+            ScoreOptions(
+                stride=args.stride, block_size=args.block_size, mask_rule=args.mask_rule
+            ),
             progress=False,
         )
         wall = time.perf_counter() - t0
@@ -160,6 +165,7 @@ def main() -> None:
     p.add_argument("--memory-stride", type=int, default=32)
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--mask-rule", choices=["threshold", "cva-gated"], default="threshold")
     p.add_argument("--seconds", type=float, default=6.0, help="backend-alone timing")
     p.add_argument("--rounds", type=int, default=3, help="score runs, each between backend runs")
     p.add_argument("--data", type=Path, default=Path(tempfile.gettempdir()) / "rarechange-bench")
@@ -174,10 +180,13 @@ def main() -> None:
         return
 
     args.data.mkdir(parents=True, exist_ok=True)
-    common = ["--threads", str(args.threads), "--block-size", str(args.block_size)]
+    common = [
+        *("--threads", str(args.threads), "--block-size", str(args.block_size)),
+        *("--mask-rule", args.mask_rule),
+    ]
     print(
         f"# rarechange score benchmark, {platform.node()}, {os.cpu_count()} CPUs, "
-        f"threads {args.threads}, block {args.block_size}"
+        f"threads {args.threads}, block {args.block_size}, mask rule {args.mask_rule}"
     )
 
     # throughput at the model's recommended stride

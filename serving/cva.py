@@ -91,13 +91,18 @@ class Moments:
         self.m2 = np.zeros(channels)
 
     def add(self, pixels: np.ndarray) -> None:
-        """``pixels``: (N, C), any dtype."""
+        """``pixels``: (N, C), any dtype. 8- and 16-bit unsigned pixels (aerial RGB, Sentinel-2
+        reflectance) are counted by value instead, exactly and several times faster: a scene's
+        moments are a full pass over it."""
         n = len(pixels)
         if not n:
             return
-        mean = pixels.sum(axis=0, dtype=np.float64) / n
-        d = pixels.astype(np.float64) - mean
-        m2 = np.einsum("nc,nc->c", d, d)
+        if pixels.dtype.kind == "u" and pixels.dtype.itemsize <= 2:
+            mean, m2 = _histogram_moments(pixels)
+        else:
+            mean = pixels.sum(axis=0, dtype=np.float64) / n
+            d = pixels.astype(np.float64) - mean
+            m2 = np.einsum("nc,nc->c", d, d)
         total = self.n + n
         delta = mean - self.mean
         self.mean = self.mean + delta * (n / total)
@@ -107,6 +112,20 @@ class Moments:
     @property
     def std(self) -> np.ndarray:
         return np.sqrt(self.m2 / max(1, self.n))
+
+
+def _histogram_moments(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-band mean and sum of squared deviations of (N, C) unsigned 8/16-bit pixels, from each
+    band's histogram of values (deviations taken per value, so nothing cancels)."""
+    n, c = pixels.shape
+    mean, m2 = np.empty(c), np.empty(c)
+    for band in range(c):
+        counts = np.bincount(pixels[:, band]).astype(np.float64)
+        values = np.arange(len(counts), dtype=np.float64)
+        mean[band] = counts @ values / n
+        d = values - mean[band]
+        m2[band] = counts @ (d * d)
+    return mean, m2
 
 
 def moments_of(image: np.ndarray) -> Moments:

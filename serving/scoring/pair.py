@@ -438,8 +438,12 @@ def _gated_masks(
         moments = (cva.Moments(channels), cva.Moments(channels))
         for block in plan:
             before, after, valid = pair.read(block.window)
-            moments[0].add(before[valid])
-            moments[1].add(after[valid])
+            if valid.all():  # no copy of the block's pixels
+                before, after = before.reshape(-1, channels), after.reshape(-1, channels)
+            else:
+                before, after = before[valid], after[valid]
+            moments[0].add(before)
+            moments[1].add(after)
         for block in plan:
             if fused.has(block.index):
                 continue

@@ -7,6 +7,7 @@ import pytest
 
 from serving import cva as cva_module
 from serving.cva import (
+    Moments,
     band_moments,
     box_mean,
     change_magnitude,
@@ -259,3 +260,25 @@ def test_gated_mask_memory_is_bounded_by_its_outputs() -> None:
     finally:
         tracemalloc.stop()
     assert peak < 48 * 2**20, f"peak {peak / 2**20:.0f} MB"
+
+
+@pytest.mark.parametrize(
+    ("dtype", "high"), [(np.uint8, 256), (np.uint16, 12_000), (np.int16, 3_000), (np.float32, 1)]
+)
+def test_moments_by_value_and_by_pixel_agree_with_exact_sums(dtype: type, high: int) -> None:
+    """Unsigned 8/16-bit pixels are counted by value, the rest pixel by pixel; either way,
+    merged over uneven blocks, the moments are the exact ones (fractions, no rounding)."""
+    from fractions import Fraction
+
+    rng = np.random.default_rng(11)
+    pixels = (rng.random((5_000, 3)) * high).astype(dtype)
+    acc = Moments(3)
+    for lo, hi in [(0, 1), (1, 1), (1, 1_700), (1_700, 5_000)]:  # an empty block too
+        acc.add(pixels[lo:hi])
+    for band in range(3):
+        values = [Fraction(float(v)) for v in pixels[:, band]]
+        mean = sum(values) / len(values)
+        m2 = sum((v - mean) ** 2 for v in values)
+        assert acc.n == 5_000
+        assert acc.mean[band] == pytest.approx(float(mean), rel=1e-14)
+        assert acc.m2[band] == pytest.approx(float(m2), rel=1e-12)
