@@ -107,9 +107,7 @@ def child(args: argparse.Namespace) -> None:
             after,
             Path(tmp) / "out",
             scorer,
-            ScoreOptions(
-                stride=args.stride, block_size=args.block_size, mask_rule=args.mask_rule
-            ),
+            ScoreOptions(stride=args.stride, block_size=args.block_size, mask_rule=args.mask_rule),
             progress=False,
         )
         wall = time.perf_counter() - t0
