@@ -205,10 +205,12 @@ def box_mean(
         rows = sum(a[:, i : i + w] for i in range(1, size)) + a[:, :w]
         return sum(rows[i : i + h] for i in range(1, size)) + rows[:h]
 
+    def neighbours(n: int) -> np.ndarray:  # along one axis of n pixels, clipped by its ends
+        return np.convolve(np.ones(n), np.ones(size))[r : r + n]
+
     total = window_sum(v)
-    if valid is None:  # a rectangle of neighbours, clipped by the edges: counts per row and column
-        ones = lambda n: np.convolve(np.ones(n), np.ones(size))[r : r + n]  # noqa: E731
-        count = np.outer(ones(h), ones(w))
+    if valid is None:  # a rectangle of neighbours, clipped by the edges: rows x columns
+        count = np.outer(neighbours(h), neighbours(w))
     else:
         count = window_sum(valid.astype(np.float64))
     return np.divide(total, count, out=np.zeros_like(total), where=count > 0)
