@@ -90,30 +90,38 @@ def measure(
     """Rows per (pair, window, exponent), and per pair CVA's own F1 for comparison."""
     raw = [change_magnitude(p.before, p.after) for p in pairs]
     rows = []
-    for k, e in ((k, e) for k in windows for e in exponents):
-        magnitudes = [box_mean(m, size=k) for m in raw]
-        fused = [fused_score(m, prob, e) for m, prob in zip(magnitudes, probabilities, strict=True)]
-        for i, (pair, score) in enumerate(zip(pairs, fused, strict=True)):
-            others = [j for j in range(len(pairs)) if j != i]
-            cross = (
-                best_threshold([fused[j] for j in others], [pairs[j].mask for j in others])
-                if others
-                else float("nan")
-            )
-            _, f1s = f1_curve(score, pair.mask)
-            rows.append(
-                Row(
-                    pair=pair.name,
-                    exponent=e,
-                    window=k,
-                    f1_otsu=f1(score > otsu_threshold(score), pair.mask),
-                    f1_cross=f1(score >= cross, pair.mask) if others else float("nan"),
-                    cross_threshold=cross,
-                    f1_oracle=float(f1s.max()),
-                )
-            )
+    for k in windows:
+        magnitudes = [box_mean(m, size=k) for m in raw]  # once per window, for every exponent
+        for e in exponents:
+            fused = [fused_score(m, p, e) for m, p in zip(magnitudes, probabilities, strict=True)]
+            rows += _rows(pairs, fused, k, e)
     alone = {p.name: {"cva_otsu": f1(cva(p.before, p.after).mask, p.mask)} for p in pairs}
     return rows, alone
+
+
+def _rows(pairs: Sequence[ScenePair], fused: list[np.ndarray], window: int, e: float) -> list[Row]:
+    """Each pair's F1 on its fused score: Otsu on its own, the other pairs' best, its own best."""
+    rows = []
+    for i, (pair, score) in enumerate(zip(pairs, fused, strict=True)):
+        others = [j for j in range(len(pairs)) if j != i]
+        cross = (
+            best_threshold([fused[j] for j in others], [pairs[j].mask for j in others])
+            if others
+            else float("nan")
+        )
+        _, f1s = f1_curve(score, pair.mask)
+        rows.append(
+            Row(
+                pair=pair.name,
+                exponent=e,
+                window=window,
+                f1_otsu=f1(score > otsu_threshold(score), pair.mask),
+                f1_cross=f1(score >= cross, pair.mask) if others else float("nan"),
+                cross_threshold=cross,
+                f1_oracle=float(f1s.max()),
+            )
+        )
+    return rows
 
 
 def _means(rows: list[Row], names: set[str]) -> list[str]:
