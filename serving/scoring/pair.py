@@ -71,7 +71,7 @@ class ScoreOptions:
     stride: int = 0  # 0: the model's recommended stride
     threshold: float | None = None  # None: the model's default threshold
     # "threshold", or "cva-gated": CVA's magnitude (z-scores by the whole rasters' valid pixels)
-    # times the probability, cut by Otsu over the scene (serving.cva.gated_mask, block by block);
+    # times the probability, cut at the scene's outliers (serving.cva.gated_mask, block by block);
     # None: the model's default, or "threshold" when a threshold is given
     mask_rule: str | None = None
     probability_dtype: ProbabilityType = "float32"
@@ -383,7 +383,13 @@ def _score_pair(
         },
         "stride": stride,
         **(
-            {"mask_rule": "cva-gated", "gated_cut": gated_cut, "gate_window": cva.GATE_WINDOW}
+            {
+                "mask_rule": "cva-gated",
+                "gated_cut": gated_cut,
+                "gate_window": cva.GATE_WINDOW,
+                "gate_spread": cva.GATE_SPREAD,
+                "gate_floor": cva.GATE_FLOOR,
+            }
             if gated
             else {"mask_rule": "threshold", "threshold": threshold}
         ),
@@ -430,7 +436,8 @@ def _gated_masks(
     """The cva-gated mask of every block, and the scene's cut. Three passes over the blocks, one
     in memory at a time: the dates' band moments over valid pixels; CVA (window-averaged over a
     halo read around the block, so blocks join seamlessly) x probability per block, kept on disk
-    (NaN = nodata) for Otsu's passes; the masks. Kept scores are reused on resume."""
+    (NaN = nodata) for the cut's passes (exact medians, a few reads); the masks. Kept scores
+    are reused on resume."""
     fused = BlockStore(partial / f"gated-w{cva.GATE_WINDOW}")
     r = cva.GATE_WINDOW // 2
     if not all(fused.has(b.index) for b in plan):
@@ -457,7 +464,7 @@ def _gated_masks(
             ]
             score *= probabilities.load(block.index)  # NaN where nodata
             fused.save(block.index, score)
-    cut = cva.otsu_threshold_of(lambda: (fused.load(b.index) for b in plan))
+    cut = cva.gate_cut_of(lambda: (fused.load(b.index) for b in plan))
     for block in plan:
         score = fused.load(block.index)
         with np.errstate(invalid="ignore"):

@@ -1,6 +1,9 @@
-"""Change vector analysis: Otsu against hand-computed splits, standardisation, the baseline."""
+"""Change vector analysis: Otsu against hand-computed splits, standardisation, the baseline, and
+the gated rule (its exact streaming medians and its cut)."""
 
 from __future__ import annotations
+
+from collections.abc import Callable, Iterator
 
 import numpy as np
 import pytest
@@ -12,8 +15,11 @@ from serving.cva import (
     box_mean,
     change_magnitude,
     cva,
+    gate_cut,
+    gate_cut_of,
     gate_magnitude,
     gated_mask,
+    lower_median_of,
     moments_of,
     otsu_threshold,
     standardise,
@@ -242,6 +248,77 @@ def test_gated_mask_keeps_what_the_model_calls_real() -> None:
     assert np.array_equal(mask, score > cut)
     with pytest.raises(ValueError, match="does not fit"):
         gated_mask(before, after, probability[:-1])
+
+
+def chunked(values: np.ndarray, size: int) -> Callable[[], Iterator[np.ndarray]]:
+    flat = values.reshape(-1)
+    return lambda: (flat[i : i + size] for i in range(0, flat.size, size))
+
+
+@pytest.mark.parametrize("in_memory", [1 << 20, 5])
+def test_lower_median_is_exact_over_chunks(monkeypatch: pytest.MonkeyPatch, in_memory: int) -> None:
+    """The value of rank (n - 1) // 2, whatever the chunking; with room for 5 values only, the
+    refinement passes run until a bin of equal values or 5 candidates is left."""
+    monkeypatch.setattr(cva_module, "SELECT_IN_MEMORY", in_memory)
+    rng = np.random.default_rng(21)
+    cases = [
+        rng.standard_normal(1) ** 3,
+        rng.standard_normal(2),
+        rng.standard_normal(1001) ** 3,  # heavy tails: most values in a few bins
+        np.round(rng.standard_normal(20_000), 2),  # many ties
+        np.r_[np.zeros(5_000), rng.random(3) * 1e9],  # one value half the data, huge outliers
+        rng.exponential(size=30_001).astype(np.float32),
+    ]
+    for values in cases:
+        expected = np.sort(values.astype(np.float64))[(values.size - 1) // 2]
+        for size in (1, 7, 4096, values.size):
+            assert lower_median_of(chunked(values, size)) == expected
+    with_nan = np.array([np.nan, 3.0, np.inf, 1.0, 2.0, -np.inf, 10.0])
+    assert lower_median_of(chunked(with_nan, 2)) == 2.0  # non-finite values ignored
+    assert lower_median_of(chunked(np.full(9, 4.5), 2)) == 4.5
+    with pytest.raises(ValueError, match="no finite"):
+        lower_median_of(chunked(np.array([np.nan]), 1))
+
+
+def test_gate_cut_hand_computed() -> None:
+    # median 2; absolute deviations 2, 1, 0, 1, 98 -> lower median 1; 2 + 4 x 1.4826 x 1
+    values = np.array([0.0, 1.0, 2.0, 3.0, 100.0])
+    assert gate_cut(values, spread=4.0, floor=0.0) == pytest.approx(7.9304)
+    assert gate_cut(values, spread=4.0, floor=10.0) == 10.0  # the floor wins
+    assert gate_cut(values) == pytest.approx(max(cva_module.GATE_FLOOR, 2 + 1.4826 * 1 * 4.0))
+    nodata = np.array([[0.0, np.nan, 1.0], [2.0, 3.0, np.nan], [100.0, np.nan, np.nan]])
+    assert gate_cut_of(chunked(nodata, 2), 4.0, 0.0) == pytest.approx(7.9304)
+
+
+def scene(changed: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A 120 x 120 uint16 4-band pair with noise everywhere and ``changed`` of its rows changed,
+    the model's probability high there (patch-blurred) and low elsewhere; and the truth."""
+    rng = np.random.default_rng(seed)
+    before = rng.integers(900, 1100, (120, 120, 4)).astype(np.uint16)
+    after = (before + rng.integers(-60, 60, before.shape)).astype(np.uint16)  # trivial noise
+    truth = np.zeros((120, 120), bool)
+    rows = round(120 * changed)
+    truth[:rows] = True
+    after[:rows] += 400
+    probability = rng.uniform(0.02, 0.2, (120, 120)).astype(np.float32)
+    if rows:
+        probability[: rows + 4] = 0.9
+    return before, after, probability, truth
+
+
+def test_gate_cut_leaves_an_unchanged_pair_empty_and_caps_no_large_change() -> None:
+    """The cases the rule was chosen for beyond F1: an unchanged pair's mask stays (nearly)
+    empty, where Otsu flags a share of the noise; and a change over a third of the scene is found
+    whole (a fixed fraction rule would cap it)."""
+    before, after, probability, _ = scene(0.0, 1)
+    mask, cut = gated_mask(before, after, probability)
+    assert cut == cva_module.GATE_FLOOR and mask.mean() < 0.001
+    score = gate_magnitude(before, after) * probability
+    assert (score > otsu_threshold(score)).mean() > 0.05  # Otsu splits the noise
+    before, after, probability, truth = scene(0.35, 2)
+    mask, cut = gated_mask(before, after, probability)
+    rows = int(truth.any(axis=1).sum())
+    assert mask[truth].mean() > 0.99 and not mask[rows + 4 :].any()  # past the blurred fringe
 
 
 def test_gated_mask_memory_is_bounded_by_its_outputs() -> None:

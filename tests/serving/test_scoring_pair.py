@@ -261,12 +261,20 @@ def test_score_pair_equals_the_in_memory_service(
     )
 
 
+@pytest.mark.parametrize("floor", [None, 0.0])
 @pytest.mark.parametrize("block_size", [40, 1024])
 def test_cva_gated_mask_equals_the_services(
-    tmp_path: Path, scorer: ModelScorer, block_size: int
+    tmp_path: Path,
+    scorer: ModelScorer,
+    block_size: int,
+    floor: float | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """Block by block (moments merged, Otsu over blocks kept on disk) the gated mask is the
-    service's, whose moments and Otsu see the whole pair at once."""
+    """Block by block (moments merged, the cut's medians over blocks kept on disk) the gated mask
+    is the service's, whose moments and cut see the whole pair at once: with the rule's floor,
+    and without one, where the scene's median and MAD alone decide."""
+    if floor is not None:
+        monkeypatch.setattr(cva, "GATE_FLOOR", floor)
     b, a, before, after = write_pair(tmp_path, 201, 163, seed=1)
     summary = score(scorer, b, a, tmp_path / "out", block_size=block_size, mask_rule="cva-gated")
     detection = ChangeDetectionCore(scorer.repository).detect(
@@ -276,6 +284,8 @@ def test_cva_gated_mask_equals_the_services(
     )
     assert summary["mask_rule"] == "cva-gated" and "threshold" not in summary
     assert summary["gated_cut"] == pytest.approx(detection.gated_cut, rel=1e-5)
+    assert summary["gated_cut"] >= cva.GATE_FLOOR and summary["gated_cut"] > 0
+    assert (summary["gate_spread"], summary["gate_floor"]) == (cva.GATE_SPREAD, cva.GATE_FLOOR)
     _, mask = outputs(tmp_path / "out")
     score_map = (
         cva.gate_magnitude(before.transpose(1, 2, 0), after.transpose(1, 2, 0))
@@ -313,7 +323,7 @@ def test_cva_gated_nodata_stays_nodata_and_out_of_the_statistics(
     fused = cva.gate_magnitude(
         before.transpose(1, 2, 0), after.transpose(1, 2, 0), moments, valid
     ) * np.where(valid, prob, np.nan)
-    assert summary["gated_cut"] == pytest.approx(cva.otsu_threshold(fused), rel=1e-5)
+    assert summary["gated_cut"] == pytest.approx(cva.gate_cut(fused), rel=1e-5)
     clear = valid & (np.abs(fused - summary["gated_cut"]) > 1e-4 * summary["gated_cut"])
     assert np.array_equal(mask[clear] == 1, fused[clear] > summary["gated_cut"])
 

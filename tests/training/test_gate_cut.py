@@ -1,0 +1,64 @@
+import math
+
+import numpy as np
+import pytest
+
+from serving.cva import gate_cut
+from training.experiments.gate_cut import (
+    Map,
+    Result,
+    Rule,
+    choose,
+    measure,
+    pooled_false_alarm,
+    robust_cut,
+    rules,
+    unchanged_windows,
+)
+
+
+def test_robust_cut_is_the_servers_cut() -> None:
+    score = np.random.default_rng(0).exponential(size=(300, 200)).astype(np.float32)
+    for spread, floor in [(4.0, 1.25), (6.0, 0.0), (3.0, 9.0)]:
+        assert robust_cut(spread, floor)(score) == pytest.approx(gate_cut(score, spread, floor))
+    assert robust_cut(math.inf, 1.5)(score) == 1.5  # the floor alone
+
+
+def test_unchanged_windows_keep_their_margin() -> None:
+    truth = np.zeros((300, 300), bool)
+    truth[140, 60] = True  # inside window (128, 0); 12 px below window (0, 0)
+    assert unchanged_windows(truth) == [(0, 128), (128, 128)]
+
+
+def test_measure_and_choose_follow_the_stated_criterion() -> None:
+    rng = np.random.default_rng(1)
+    score = rng.exponential(0.15, (256, 256)).astype(np.float32)
+    truth = np.zeros((256, 256), bool)
+    truth[10:30, 10:30] = True
+    score[truth] += 5.0
+    m = Map("model:pair", score, truth)
+    results = measure([m], rules())
+    by = {r.rule: r for r in results}
+    assert by["median + 4 SD, floor 1.25"].f1["model:pair"] > 0.95
+    assert by["top 2.0%"].eligible is False and by["otsu"].eligible
+    # the unchanged windows are the three away from the change: the floor keeps them empty
+    assert by["median + 4 SD, floor 1.25"].windows["model:pair"] == 3
+    assert by["median + 4 SD, floor 1.25"].false_alarm["model:pair"] < 0.001
+    # a fixed fraction flags its share of an unchanged window whatever it holds
+    assert by["top 2.0%"].false_alarm["model:pair"] == pytest.approx(0.02, abs=1e-3)
+    chosen = choose(results, ["model:pair"], 0.01)
+    assert chosen.eligible and pooled_false_alarm(chosen, ["model:pair"]) <= 0.01
+    best = max(
+        r.f1["model:pair"]
+        for r in results
+        if r.eligible and pooled_false_alarm(r, ["model:pair"]) <= 0.01
+    )
+    assert chosen.f1["model:pair"] == best
+
+
+def test_false_alarm_pools_windows_not_maps() -> None:
+    r = Result("x", True, {"a": 0.5, "b": 0.5}, {"a": 0.10, "b": 0.0}, {"a": 1, "b": 9})
+    assert pooled_false_alarm(r, ["a", "b"]) == pytest.approx(0.01)
+    with pytest.raises(ValueError, match="no eligible"):
+        choose([r], ["a", "b"], 0.001)
+    assert Rule("otsu", True, float).eligible

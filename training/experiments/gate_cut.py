@@ -1,0 +1,286 @@
+"""Where should the cva-gated rule cut its score? Chosen on validation maps, reported held out.
+
+A measurement behind :func:`serving.cva.gate_cut`. The gated score ``m5 * p`` (CVA's magnitude
+averaged over :data:`~serving.cva.GATE_WINDOW` pixels square, times the served probability) is
+unimodal and heavy-tailed, so Otsu splits it near its bulk: on a city with 1.6 % of its pixels
+changed it flagged a fifth. Candidate cuts, each per scene:
+
+* ``otsu``: the rule's first cut;
+* ``top Q %``: a fixed fraction (shown for comparison; never eligible: it caps a large change
+  and fills an unchanged pair);
+* ``median + k robust SD, floor f``: ``max(f, median + k * 1.4826 * MAD)``, the scene's
+  outliers, never below an absolute floor in score units (``k = inf``: the floor alone).
+
+Each candidate is scored on every map: pixel F1, and the share of pixels it flags inside
+*unchanged windows* (128 x 128 windows with no change within 16 px, cut as scenes of their own):
+what an unchanged pair would get. The chosen rule is the best mean F1 over the ``validation``
+maps among the eligible rules whose mean false-alarm share is at most ``--max-false-alarm``;
+``held-out`` maps only report it (every candidate's held-out F1 is written too, so nothing is
+hidden). A map is ``MODEL:PAIR``: the pair's probability map served by that model of
+``--models-dir``. Usage (writes ``docs/results/gate_cut_<tag>.{json,md}``):
+
+    python -m training.experiments.gate_cut --dataset oscd --models-dir /tmp/loo \\
+        --validation loo-abudhabi:abudhabi,...,bordeaux-val:bordeaux \\
+        --held-out sentinel2-rgbn:pisa,sentinel2-rgbn:rennes --tag sentinel2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from serving.config import ServerSettings
+from serving.cva import MAD_TO_SD, gate_magnitude, lower_median_of, otsu_threshold
+from training.datasets.registry import load_dataset
+from training.evaluation import pixel_counts, served_scorer, write_atomic
+
+ROOT = Path(__file__).resolve().parents[2]
+SPREADS = (3.0, 4.0, 5.0, 6.0, 7.0, 8.0, math.inf)  # inf: the floor alone
+FLOORS = (0.0, 0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25)
+FRACTIONS = (0.02, 0.025, 0.03)
+WINDOW, MARGIN = 128, 16
+
+
+@dataclass(frozen=True)
+class Map:
+    """One pair's gated score under one model, with its truth."""
+
+    name: str  # MODEL:PAIR
+    score: np.ndarray  # (H, W) float32, m5 * p
+    truth: np.ndarray  # (H, W) bool
+
+
+@dataclass(frozen=True)
+class Rule:
+    name: str
+    eligible: bool  # a per-scene rule that neither caps a change nor fills an unchanged pair
+    cut: Callable[[np.ndarray], float]
+
+
+def robust_cut(spread: float, floor: float) -> Callable[[np.ndarray], float]:
+    """``max(floor, median + spread * 1.4826 * MAD)`` (lower medians, as the server takes)."""
+
+    def cut(score: np.ndarray) -> float:
+        if math.isinf(spread):
+            return floor
+        flat = score.reshape(-1)
+        median = lower_median_of(lambda: [flat])
+        mad = lower_median_of(lambda: [np.abs(flat.astype(np.float64) - median)])
+        return max(floor, median + spread * MAD_TO_SD * mad)
+
+    return cut
+
+
+def rules() -> list[Rule]:
+    out = [Rule("otsu", True, otsu_threshold)]
+    out += [
+        Rule(f"top {q:.1%}", False, lambda s, q=q: float(np.quantile(s, 1 - q))) for q in FRACTIONS
+    ]
+    for k in SPREADS:
+        for f in FLOORS:
+            if math.isinf(k) and f == 0:
+                continue  # no cut at all
+            name = f"floor {f:g}" if math.isinf(k) else f"median + {k:g} SD, floor {f:g}"
+            out.append(Rule(name, True, robust_cut(k, f)))
+    return out
+
+
+def unchanged_windows(truth: np.ndarray) -> list[tuple[int, int]]:
+    """Top-left corners of the WINDOW-square windows with no change within MARGIN pixels."""
+    h, w = truth.shape
+    corners = []
+    for y in range(0, h - WINDOW + 1, WINDOW):
+        for x in range(0, w - WINDOW + 1, WINDOW):
+            near = truth[
+                max(0, y - MARGIN) : y + WINDOW + MARGIN, max(0, x - MARGIN) : x + WINDOW + MARGIN
+            ]
+            if not near.any():
+                corners.append((y, x))
+    return corners
+
+
+@dataclass(frozen=True)
+class Result:
+    rule: str
+    eligible: bool
+    f1: dict[str, float]  # per map
+    false_alarm: dict[str, float]  # per map: mean flagged share of its unchanged windows
+    windows: dict[str, int]  # per map: how many unchanged windows it has (0: false alarm nan)
+
+
+def f1(pred: np.ndarray, truth: np.ndarray) -> float:
+    return pixel_counts(pred, truth).scores()["f1"]
+
+
+def measure(maps: Sequence[Map], candidates: Sequence[Rule]) -> list[Result]:
+    windows = {m.name: unchanged_windows(m.truth) for m in maps}
+    results = []
+    for rule in candidates:
+        scores, alarms = {}, {}
+        for m in maps:
+            scores[m.name] = f1(m.score > rule.cut(m.score), m.truth)
+            shares = []
+            for y, x in windows[m.name]:
+                crop = m.score[y : y + WINDOW, x : x + WINDOW]
+                shares.append(float((crop > rule.cut(crop)).mean()))
+            alarms[m.name] = float(np.mean(shares)) if shares else float("nan")
+        counts = {m.name: len(windows[m.name]) for m in maps}
+        results.append(Result(rule.name, rule.eligible, scores, alarms, counts))
+    return results
+
+
+def mean_over(values: dict[str, float], names: Sequence[str]) -> float:
+    picked = [values[n] for n in names if not math.isnan(values[n])]
+    return float(np.mean(picked)) if picked else float("nan")
+
+
+def pooled_false_alarm(result: Result, names: Sequence[str]) -> float:
+    """The flagged share over all the maps' unchanged windows together: each window an
+    unchanged pair of its own, weighted alike."""
+    n = sum(result.windows[m] for m in names)
+    if not n:
+        return float("nan")
+    return sum(result.false_alarm[m] * result.windows[m] for m in names if result.windows[m]) / n
+
+
+def choose(results: Sequence[Result], validation: Sequence[str], max_false_alarm: float) -> Result:
+    """The eligible rule of best mean validation F1 whose pooled false-alarm share is allowed."""
+    allowed = [
+        r for r in results if r.eligible and pooled_false_alarm(r, validation) <= max_false_alarm
+    ]
+    if not allowed:
+        raise ValueError(
+            f"no eligible rule flags at most {max_false_alarm:.1%} of unchanged windows"
+        )
+    return max(allowed, key=lambda r: mean_over(r.f1, validation))
+
+
+def markdown(
+    command: str,
+    results: Sequence[Result],
+    chosen: Result,
+    validation: Sequence[str],
+    held_out: Sequence[str],
+    max_false_alarm: float,
+) -> str:
+    lines = [
+        "# Where the cva-gated rule cuts its score",
+        "",
+        "Generated by `training/experiments/gate_cut.py`:",
+        "",
+        f"```\n{command}\n```",
+        "",
+        "Score = CVA magnitude (5 x 5 mean) x probability. F1 per map; *false alarm*: the share of "
+        "pixels flagged inside unchanged 128 px windows (no change within 16 px), each cut as a "
+        "scene of its own, pooled over the maps' windows. The rule is chosen on the validation "
+        "maps: best mean F1 among the eligible rules whose false alarm is at most "
+        f"{max_false_alarm:.1%} "
+        "(fixed fractions are never eligible). Held-out maps only report it.",
+        "",
+        f"**Chosen: {chosen.rule}**.",
+        "",
+        "| rule | eligible | validation F1 | validation false alarm | held-out F1 "
+        + "".join(f"| {n} " for n in held_out)
+        + "|",
+        "|---|---|---|---|---|" + "---|" * len(held_out),
+    ]
+    for r in sorted(results, key=lambda r: -mean_over(r.f1, validation)):
+        mark = "**" if r is chosen else ""
+        lines.append(
+            f"| {mark}{r.rule}{mark} | {'yes' if r.eligible else 'no'} "
+            f"| {mean_over(r.f1, validation):.3f} | {pooled_false_alarm(r, validation):.2%} "
+            f"| {mean_over(r.f1, held_out):.3f} "
+            + "".join(f"| {r.f1[n]:.3f} " for n in held_out)
+            + "|"
+        )
+    lines += ["", "Per validation map (F1 / false alarm) of the chosen rule and Otsu:", ""]
+    otsu = next(r for r in results if r.rule == "otsu")
+    lines += [
+        "| map | unchanged windows | chosen F1 | chosen false alarm | Otsu F1 | Otsu false alarm |",
+        "|---|---|---|---|---|---|",
+    ]
+    for n in [*validation, *held_out]:
+        lines.append(
+            f"| {n} | {chosen.windows[n]} | {chosen.f1[n]:.3f} | {chosen.false_alarm[n]:.2%} "
+            f"| {otsu.f1[n]:.3f} "
+            f"| {otsu.false_alarm[n]:.2%} |"
+        )
+    return "\n".join([*lines, ""])
+
+
+def load_maps(spec: Sequence[str], dataset: str, models_dir: Path) -> list[Map]:
+    pairs = {p.name: p for p in load_dataset(dataset)}
+    settings = ServerSettings(models_dir=models_dir, metrics_port=-1)
+    maps = []
+    for model in dict.fromkeys(s.split(":", 1)[0] for s in spec):
+        with served_scorer(settings, model, mask_rule="threshold") as scorer:
+            for s in spec:
+                name, pair_name = s.split(":", 1)
+                if name != model:
+                    continue
+                pair = pairs[pair_name]
+                prob = scorer.score(pair.before, pair.after).probability
+                score = gate_magnitude(pair.before, pair.after) * prob
+                maps.append(Map(s, score, pair.mask.astype(bool)))
+    return maps
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--dataset", required=True, help="KIND[:PATH], as rarechange evaluate")
+    parser.add_argument("--validation", required=True, help="MODEL:PAIR,... the rule is chosen on")
+    parser.add_argument("--held-out", default="", help="MODEL:PAIR,... only reported")
+    parser.add_argument("--max-false-alarm", type=float, default=0.01)
+    parser.add_argument("--tag", required=True, help="suffix of the output files")
+    parser.add_argument(
+        "--models-dir",
+        type=Path,
+        action="append",
+        default=None,
+        help="model folders (repeatable; default: models/)",
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "docs" / "results")
+    args = parser.parse_args(argv)
+    validation = [s for s in args.validation.split(",") if s]
+    held_out = [s for s in args.held_out.split(",") if s]
+    for s in validation + held_out:
+        if ":" not in s:
+            parser.error(f"{s!r}: expected MODEL:PAIR")
+    maps: list[Map] = []
+    for models_dir in args.models_dir or [ROOT / "models"]:
+        present = {p.name for p in models_dir.iterdir() if (p / "model.onnx").is_file()}
+        wanted = [s for s in validation + held_out if s.split(":", 1)[0] in present]
+        maps += load_maps(wanted, args.dataset, models_dir)
+    missing = set(validation + held_out) - {m.name for m in maps}
+    if missing:
+        parser.error(f"no model for {sorted(missing)} in {args.models_dir}")
+    results = measure(maps, rules())
+    chosen = choose(results, validation, args.max_false_alarm)
+    command = " ".join(
+        ["python -m training.experiments.gate_cut", *(argv if argv is not None else sys.argv[1:])]
+    )
+    payload = {
+        "command": command,
+        "validation": validation,
+        "held_out": held_out,
+        "max_false_alarm": args.max_false_alarm,
+        "chosen": chosen.rule,
+        "results": [asdict(r) for r in results],
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"gate_cut_{args.tag}"
+    write_atomic(stem.with_suffix(".json"), (json.dumps(payload, indent=1) + "\n").encode())
+    md = markdown(command, results, chosen, validation, held_out, args.max_false_alarm)
+    write_atomic(stem.with_suffix(".md"), md.encode())
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
