@@ -23,7 +23,7 @@ import onnx
 import torch
 from torch import nn
 
-from serving.cva import GATE_WINDOW
+from serving.cva import GATE_FLOOR, GATE_SPREAD, GATE_WINDOW
 from serving.integrity import weights_sha256
 from serving.metadata import INPUT_NAMES, OUTPUT_NAME, ModelMetadata, TrainingData
 from training.model import ChangeDetector
@@ -213,7 +213,8 @@ def parity_inputs(
 _MASK_RULE_TEXT = {
     "threshold": "threshold: probability >= the default threshold",
     "cva-gated": f"cva-gated: change vector analysis' magnitude ({GATE_WINDOW} x {GATE_WINDOW} "
-    "mean) x probability, cut by Otsu per pair (the threshold applies when a request sets one)",
+    f"mean) x probability, cut at the pair's outliers (median + {GATE_SPREAD:g} robust SD, at "
+    f"least {GATE_FLOOR:g}; the threshold applies when a request sets one)",
 }
 
 
@@ -365,8 +366,9 @@ accuracy is refused.
         f"thresholds it at {meta.default_threshold:.4f}"
         if meta.default_mask_rule == "threshold"
         else "makes the mask by the cva-gated rule (change vector analysis' magnitude, averaged "
-        f"over {GATE_WINDOW} x {GATE_WINDOW} pixels, times the probability, cut by Otsu on each "
-        "pair; a request that sets a threshold gets "
+        f"over {GATE_WINDOW} x {GATE_WINDOW} pixels, times the probability, cut at each pair's "
+        f"outliers: median + {GATE_SPREAD:g} robust SD of that score, at least {GATE_FLOOR:g}; "
+        "a request that sets a threshold gets "
         f"probability >= threshold instead, {meta.default_threshold:.4f} by default)"
     )
     text = f"""# Model card: {meta.name} {meta.version}

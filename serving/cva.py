@@ -369,9 +369,7 @@ def gate_cut_of(
     return max(floor, median + spread * MAD_TO_SD * mad)
 
 
-def gate_cut(
-    score: np.ndarray, spread: float | None = None, floor: float | None = None
-) -> float:
+def gate_cut(score: np.ndarray, spread: float | None = None, floor: float | None = None) -> float:
     """:func:`gate_cut_of` of one in-memory score map, chunked so no float64 copy is made."""
     flat = np.asarray(score).reshape(-1)
     return gate_cut_of(

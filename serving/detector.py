@@ -47,7 +47,7 @@ class Detection:
     regions: list[Region]
     timings_ms: dict[str, float] = field(default_factory=dict)
     mask_rule: str = "threshold"
-    gated_cut: float | None = None  # "cva-gated": Otsu's cut on magnitude x probability
+    gated_cut: float | None = None  # "cva-gated": the cut on magnitude x probability
 
     @property
     def changed_fraction(self) -> float:
@@ -136,7 +136,8 @@ def resolve_mask_rule(rule: str | None, threshold: float | None, meta: ModelMeta
         raise InvalidInput(f"mask_rule must be one of {MASK_RULES}, got {rule!r}")
     if rule == "cva-gated" and threshold is not None:
         raise InvalidInput(
-            "threshold is not used by the cva-gated mask rule (Otsu cuts each pair); unset it"
+            "threshold is not used by the cva-gated mask rule (it cuts each pair at its own "
+            "outliers); unset it"
         )
     return rule
 

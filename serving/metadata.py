@@ -21,7 +21,7 @@ KEY_PREFIX = "rarechange."
 INPUT_NAMES = ("before", "after")
 OUTPUT_NAME = "probability"
 # how a mask is made from the probability map: probability >= threshold, or change vector
-# analysis' magnitude times the probability cut by Otsu per pair (serving.cva.gated_mask)
+# analysis' magnitude times the probability, cut at the pair's outliers (serving.cva.gated_mask)
 MASK_RULES = ("threshold", "cva-gated")
 MaskRule = Literal["threshold", "cva-gated"]
 

@@ -137,7 +137,9 @@ class Scored:
     probability: np.ndarray  # (H, W) float32 in [0, 1]
     mask: np.ndarray  # (H, W) bool
     threshold: float  # on the probability scale; the gated cut when gated
-    gated: bool = False  # the mask is CVA x probability > Otsu, not probability >= threshold
+    gated: bool = (
+        False  # the mask is CVA x probability > the gated cut, not probability >= threshold
+    )
 
 
 class Scorer(Protocol):
@@ -165,7 +167,10 @@ class ServedScorer:
         self.mask_rule = mask_rule
         if mask_rule == "cva-gated":
             shown = None
-            method = "cva-gated: Otsu per pair on CVA magnitude x probability (the cut in z units)"
+            method = (
+                "cva-gated: CVA magnitude x probability above the pair's median + 4 robust SD, "
+                "at least 1.25 (the cut in z units)"
+            )
         elif threshold is not None:
             shown, method = threshold, "--threshold"
         else:

@@ -99,7 +99,7 @@ def regions_report(r: pb.DetectChangeResponse) -> dict[str, Any]:
 
 
 def decision(r: pb.DetectChangeResponse, digits: int) -> dict[str, Any]:
-    """The mask rule and its cut: a probability threshold, or Otsu's cut on CVA x probability."""
+    """The mask rule and its cut: a probability threshold, or the gated cut on CVA x probability."""
     from serving.api import change_detection_pb2 as pb
 
     if r.mask_rule == pb.MASK_RULE_CVA_GATED:

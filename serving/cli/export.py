@@ -39,7 +39,8 @@ def _commands(run_dir: Path | None) -> dict[str, str]:
     default="threshold",
     show_default=True,
     help="The mask rule requests get unless they name one or set a threshold (metadata "
-    "default_mask_rule): threshold, or cva-gated (change vector analysis x probability, Otsu).",
+    "default_mask_rule): threshold, or cva-gated (change vector analysis x probability, cut at "
+    "the pair's outliers).",
 )
 @click.option("--int8", "int8", is_flag=True, help="Also write a static-QDQ int8 variant.")
 @click.option("--fp16", "fp16", is_flag=True, help="Also write a float16 variant.")

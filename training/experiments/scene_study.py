@@ -375,7 +375,7 @@ class SceneStudy:
                     else math.nan,
                     "mean_auroc": statistics.fmean(by_fold[f]["auroc"] for f in folds),
                     "mean_oracle_f1": statistics.fmean(by_fold[f]["own"]["f1"] for f in folds),
-                    # the serving path's cva-gated mask rule: Otsu per pair, no threshold to carry
+                    # the serving path's cva-gated mask rule: cut per pair, no threshold to carry
                     "mean_gated_f1": statistics.fmean(by_fold[f]["gated"]["f1"] for f in folds)
                     if all("gated" in by_fold[f] for f in folds)
                     else math.nan,
