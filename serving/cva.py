@@ -77,7 +77,7 @@ GATE_FLOOR = 1.25
 MAD_TO_SD = 1.4826
 # a selection collects the candidates in memory once this few remain (8 MB of float64)
 SELECT_IN_MEMORY = 1 << 20
-SELECT_BINS = 4096
+SELECT_BINS = 1 << 16
 
 
 @dataclass(frozen=True, eq=False)
@@ -323,15 +323,18 @@ def _finite(chunks: Callable[[], Iterable[np.ndarray]]) -> Iterator[np.ndarray]:
             yield v
 
 
-def lower_median_of(chunks: Callable[[], Iterable[np.ndarray]]) -> float:
+def lower_median_of(
+    chunks: Callable[[], Iterable[np.ndarray]],
+    known: tuple[int, float, float] | None = None,
+) -> float:
     """The lower median (the value of rank ``(n - 1) // 2``) of the finite values ``chunks()``
     yields, exactly, one chunk in memory at a time. Each pass histograms the values still in the
     running over :data:`SELECT_BINS` bins, with each bin's smallest and largest member, and
     keeps the bin holding the rank: its members are exactly the values between those two (the
-    bin index is monotone). Once few enough remain they are sorted. A few passes for any size."""
-    n, lo, hi = 0, np.inf, -np.inf
-    for v in _finite(chunks):
-        n, lo, hi = n + v.size, min(lo, float(v.min())), max(hi, float(v.max()))
+    bin index is monotone). Once few enough remain they are sorted: three passes over a scene
+    of hundreds of millions of values, as a rule. ``known``: the count of finite values and
+    bounds that hold them all (``lo <= v <= hi``), which saves the first pass."""
+    n, lo, hi = _count_and_extremes(chunks) if known is None else known
     if not n:
         raise ValueError("no finite values to take the median of")
     rank = (n - 1) // 2  # within the values still in the running: lo <= v <= hi, n of them
@@ -353,6 +356,13 @@ def lower_median_of(chunks: Callable[[], Iterable[np.ndarray]]) -> float:
     return float(np.partition(kept, rank)[rank])
 
 
+def _count_and_extremes(chunks: Callable[[], Iterable[np.ndarray]]) -> tuple[int, float, float]:
+    n, lo, hi = 0, np.inf, -np.inf
+    for v in _finite(chunks):
+        n, lo, hi = n + v.size, min(lo, float(v.min())), max(hi, float(v.max()))
+    return n, lo, hi
+
+
 def gate_cut_of(
     chunks: Callable[[], Iterable[np.ndarray]],
     spread: float | None = None,
@@ -364,8 +374,15 @@ def gate_cut_of(
     ``None``: :data:`GATE_SPREAD`, :data:`GATE_FLOOR` (read at call time)."""
     spread = GATE_SPREAD if spread is None else spread
     floor = GATE_FLOOR if floor is None else floor
-    median = lower_median_of(chunks)
-    mad = lower_median_of(lambda: (np.abs(np.asarray(c, np.float64) - median) for c in chunks()))
+    n, lo, hi = _count_and_extremes(chunks)
+    if not n:
+        raise ValueError("no finite values to cut")
+    median = lower_median_of(chunks, (n, lo, hi))
+    # the deviations' count and bounds follow from the values': no pass to find them
+    mad = lower_median_of(
+        lambda: (np.abs(np.asarray(c, np.float64) - median) for c in chunks()),
+        (n, 0.0, max(hi - median, median - lo)),
+    )
     return max(floor, median + spread * MAD_TO_SD * mad)
 
 

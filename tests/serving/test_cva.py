@@ -290,6 +290,22 @@ def test_gate_cut_hand_computed() -> None:
     assert gate_cut_of(chunked(nodata, 2), 4.0, 0.0) == pytest.approx(7.9304)
 
 
+@pytest.mark.parametrize("in_memory", [1 << 20, 5])
+def test_gate_cut_equals_the_formula_over_chunks(
+    monkeypatch: pytest.MonkeyPatch, in_memory: int
+) -> None:
+    """The deviations' median starts from bounds derived from the values' (no pass of its own):
+    still the exact lower median, however the values are chunked and refined."""
+    monkeypatch.setattr(cva_module, "SELECT_IN_MEMORY", in_memory)
+    rng = np.random.default_rng(22)
+    values = (rng.exponential(0.3, 5_001) * rng.random(5_001)).astype(np.float32)
+    v = np.sort(values.astype(np.float64))
+    median = v[(v.size - 1) // 2]
+    mad = np.sort(np.abs(v - median))[(v.size - 1) // 2]
+    for size in (1, 333, v.size):
+        assert gate_cut_of(chunked(values, size), 4.0, 0.0) == median + 4.0 * 1.4826 * mad
+
+
 def scene(changed: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """A 120 x 120 uint16 4-band pair with noise everywhere and ``changed`` of its rows changed,
     the model's probability high there (patch-blurred) and low elsewhere; and the truth."""
