@@ -26,8 +26,9 @@ Otsu's method. Choices, so that the numbers can be reproduced and argued with:
   heavy-tailed score near its bulk (a fifth of a Sentinel-2 city flagged against 1.6 % changed,
   14 % of unchanged windows); the robust cut finds no count of changes (nothing caps the mask,
   unlike a fixed fraction), and the floor keeps an unchanged pair, whose outliers are still
-  noise, nearly empty. Measured by ``training/experiments/cva_fusion.py``: window, spread and
-  floor were chosen on training and validation cities and pairs, never the held-out ones.
+  noise, nearly empty. Measured by ``training/experiments/cva_fusion.py`` (the window) and
+  ``training/experiments/gate_cut.py`` (spread and floor), chosen on training and validation
+  cities and pairs, never the held-out ones.
 
 numpy only, and in bounded memory: strips of rows keep the float64 intermediates a few MB, so a
 16k x 16k pair in the server costs its float32 magnitude map and no more.
@@ -281,14 +282,7 @@ def otsu_threshold_of(chunks: Callable[[], Iterable[np.ndarray]], bins: int = OT
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
 
-    def finite() -> Iterator[np.ndarray]:  # one float64 chunk alive at a time, per pass
-        for chunk in chunks():
-            v = np.asarray(chunk).reshape(-1)
-            v = v[np.isfinite(v)].astype(np.float64)
-            if v.size:
-                yield v
-
-    extremes = [(float(v.min()), float(v.max())) for v in finite()]
+    extremes = [(float(v.min()), float(v.max())) for v in _finite(chunks)]
     if not extremes:
         raise ValueError("no finite values to threshold")
     lo, hi = min(e[0] for e in extremes), max(e[1] for e in extremes)
@@ -299,7 +293,7 @@ def otsu_threshold_of(chunks: Callable[[], Iterable[np.ndarray]], bins: int = OT
         return np.minimum(((v - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
 
     count, total = np.zeros(bins), np.zeros(bins)
-    for v in finite():
+    for v in _finite(chunks):
         i = index(v)
         count += np.bincount(i, minlength=bins)
         total += np.bincount(i, weights=v, minlength=bins)
@@ -311,7 +305,7 @@ def otsu_threshold_of(chunks: Callable[[], Iterable[np.ndarray]], bins: int = OT
     mu1 = np.divide(s1, w1, out=np.zeros_like(s1), where=valid)
     between = np.where(valid, w0 * w1 * (mu0 - mu1) ** 2, -1.0)
     k = int(np.argmax(between))  # the first of equal maxima: empty bins change nothing
-    return max(float(v[index(v) <= k].max(initial=-np.inf)) for v in finite())
+    return max(float(v[index(v) <= k].max(initial=-np.inf)) for v in _finite(chunks))
 
 
 def _finite(chunks: Callable[[], Iterable[np.ndarray]]) -> Iterator[np.ndarray]:

@@ -37,7 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from serving.config import ServerSettings
-from serving.cva import MAD_TO_SD, gate_magnitude, lower_median_of, otsu_threshold
+from serving.cva import gate_cut, gate_magnitude, otsu_threshold
 from training.datasets.registry import load_dataset
 from training.evaluation import pixel_counts, served_scorer, write_atomic
 
@@ -65,17 +65,11 @@ class Rule:
 
 
 def robust_cut(spread: float, floor: float) -> Callable[[np.ndarray], float]:
-    """``max(floor, median + spread * 1.4826 * MAD)`` (lower medians, as the server takes)."""
-
-    def cut(score: np.ndarray) -> float:
-        if math.isinf(spread):
-            return floor
-        flat = score.reshape(-1)
-        median = lower_median_of(lambda: [flat])
-        mad = lower_median_of(lambda: [np.abs(flat.astype(np.float64) - median)])
-        return max(floor, median + spread * MAD_TO_SD * mad)
-
-    return cut
+    """The server's :func:`~serving.cva.gate_cut` at this spread and floor; ``spread = inf``:
+    the floor alone."""
+    if math.isinf(spread):
+        return lambda score: floor
+    return lambda score: gate_cut(score, spread, floor)
 
 
 def rules() -> list[Rule]:
