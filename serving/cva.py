@@ -21,14 +21,15 @@ Otsu's method. Choices, so that the numbers can be reproduced and argued with:
   the pixel but cannot tell a real change from a trivial one; ``m5 * p`` (``p`` the stitched
   probability map, ``m5`` the magnitude's mean over each pixel's 5 x 5 neighbourhood, which
   quiets single-pixel noise) keeps the pixels where both agree. The cut (:func:`gate_cut`) is
-  the scene's outliers: ``median + 4 robust SD`` (1.4826 x the median absolute deviation) of the
-  score, and never below :data:`GATE_FLOOR`. Otsu, the rule's first cut, splits a unimodal
-  heavy-tailed score near its bulk (a fifth of a Sentinel-2 city flagged against 1.6 % changed,
-  14 % of unchanged windows); the robust cut finds no count of changes (nothing caps the mask,
-  unlike a fixed fraction), and the floor keeps an unchanged pair, whose outliers are still
-  noise, nearly empty. Measured by ``training/experiments/cva_fusion.py`` (the window) and
-  ``training/experiments/gate_cut.py`` (spread and floor), chosen on training and validation
-  cities and pairs, never the held-out ones.
+  the outliers of the score's bulk: ``median + 5 robust SD`` (1.4826 x the median absolute
+  deviation) of Otsu's lower class, and never below :data:`GATE_FLOOR`. Otsu alone, the rule's
+  first cut, splits a unimodal heavy-tailed score near its bulk (a fifth of a Sentinel-2 city
+  flagged against 1.6 % changed, 14 % of unchanged windows); the bulk's outliers assume no count
+  of changes (nothing caps the mask, unlike a fixed fraction; a change over most of a request is
+  above Otsu's split, so it does not become the median), and the floor keeps an unchanged pair,
+  whose outliers are still noise, nearly empty. Measured by
+  ``training/experiments/cva_fusion.py`` (the window) and ``training/experiments/gate_cut.py``
+  (spread and floor), chosen on training and validation cities and pairs, never held-out ones.
 
 numpy only, and in bounded memory: strips of rows keep the float64 intermediates a few MB, so a
 16k x 16k pair in the server costs its float32 magnitude map and no more.
@@ -70,9 +71,9 @@ OTSU_BINS = 256
 NOISE_FLOOR = 1e-9
 # the gated rule's magnitude is averaged over this many pixels square (odd); 1: the raw magnitude
 GATE_WINDOW = 5
-# the gated rule's cut: median + GATE_SPREAD robust standard deviations of the scene's score, and
-# at least GATE_FLOOR (score units: z-score magnitude x probability)
-GATE_SPREAD = 4.0
+# the gated rule's cut: median + GATE_SPREAD robust standard deviations of the score's bulk (Otsu's
+# lower class), and at least GATE_FLOOR (score units: z-score magnitude x probability)
+GATE_SPREAD = 5.0
 GATE_FLOOR = 1.25
 # the median absolute deviation of a normal distribution is this many times smaller than its SD
 MAD_TO_SD = 1.4826
@@ -279,15 +280,23 @@ def otsu_threshold_of(chunks: Callable[[], Iterable[np.ndarray]], bins: int = OT
     """:func:`otsu_threshold` of the values ``chunks()`` yields, read three times (extremes,
     histogram, the lower class's largest value): blocks of a raster kept on disk, one in memory
     at a time."""
+    return _otsu(chunks, bins)[0]
+
+
+def _otsu(
+    chunks: Callable[[], Iterable[np.ndarray]], bins: int = OTSU_BINS
+) -> tuple[float, tuple[int, float, float]]:
+    """Otsu's threshold, and its lower class's count and bounds (every value ``v <= threshold``:
+    ``(n, min, threshold)``), which the histogram already holds."""
     if bins < 2:
         raise ValueError(f"bins must be >= 2, got {bins}")
 
-    extremes = [(float(v.min()), float(v.max())) for v in _finite(chunks)]
+    extremes = [(float(v.min()), float(v.max()), v.size) for v in _finite(chunks)]
     if not extremes:
         raise ValueError("no finite values to threshold")
     lo, hi = min(e[0] for e in extremes), max(e[1] for e in extremes)
     if lo == hi:
-        return hi
+        return hi, (sum(e[2] for e in extremes), lo, hi)
 
     def index(v: np.ndarray) -> np.ndarray:
         return np.minimum(((v - lo) / (hi - lo) * bins).astype(np.int64), bins - 1)
@@ -305,7 +314,9 @@ def otsu_threshold_of(chunks: Callable[[], Iterable[np.ndarray]], bins: int = OT
     mu1 = np.divide(s1, w1, out=np.zeros_like(s1), where=valid)
     between = np.where(valid, w0 * w1 * (mu0 - mu1) ** 2, -1.0)
     k = int(np.argmax(between))  # the first of equal maxima: empty bins change nothing
-    return max(float(v[index(v) <= k].max(initial=-np.inf)) for v in _finite(chunks))
+    cut = max(float(v[index(v) <= k].max(initial=-np.inf)) for v in _finite(chunks))
+    # the bin index is monotone: the values of bins 0..k are exactly those <= cut
+    return cut, (int(count[: k + 1].sum()), lo, cut)
 
 
 def _finite(chunks: Callable[[], Iterable[np.ndarray]]) -> Iterator[np.ndarray]:
@@ -363,18 +374,24 @@ def gate_cut_of(
     floor: float | None = None,
 ) -> float:
     """The gated rule's cut of the scores ``chunks()`` yields (NaN: nodata, ignored):
-    ``max(floor, median + spread * 1.4826 * MAD)``, medians taken exactly by
-    :func:`lower_median_of`, so a scene read block by block gets the whole scene's cut.
+    ``max(floor, median + spread * 1.4826 * MAD)`` of Otsu's lower class, the scene's bulk,
+    medians taken exactly by :func:`lower_median_of`, so a scene read block by block gets the
+    whole scene's cut. The bulk, not the whole scene: where a change covers much of the scene
+    the whole scene's median is change, and the cut would land above all of it.
     ``None``: :data:`GATE_SPREAD`, :data:`GATE_FLOOR` (read at call time)."""
     spread = GATE_SPREAD if spread is None else spread
     floor = GATE_FLOOR if floor is None else floor
-    n, lo, hi = _count_and_extremes(chunks)
-    if not n:
-        raise ValueError("no finite values to cut")
-    median = lower_median_of(chunks, (n, lo, hi))
-    # the deviations' count and bounds follow from the values': no pass to find them
+    otsu, (n, lo, hi) = _otsu(chunks)
+
+    def bulk() -> Iterator[np.ndarray]:
+        for c in chunks():
+            c = np.asarray(c)
+            yield c[c <= otsu]  # NaN compares False: nodata stays out
+
+    median = lower_median_of(bulk, (n, lo, hi))
+    # the deviations' count and bounds follow from the bulk's: no pass to find them
     mad = lower_median_of(
-        lambda: (np.abs(np.asarray(c, np.float64) - median) for c in chunks()),
+        lambda: (np.abs(c.astype(np.float64) - median) for c in bulk()),
         (n, 0.0, max(hi - median, median - lo)),
     )
     return max(floor, median + spread * MAD_TO_SD * mad)

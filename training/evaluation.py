@@ -168,8 +168,8 @@ class ServedScorer:
         if mask_rule == "cva-gated":
             shown = None
             method = (
-                "cva-gated: CVA magnitude x probability above the pair's median + 4 robust SD, "
-                "at least 1.25 (the cut in z units)"
+                "cva-gated: CVA magnitude x probability above the median + 5 robust SD of its "
+                "bulk (Otsu's lower class), at least 1.25 (the cut in z units)"
             )
         elif threshold is not None:
             shown, method = threshold, "--threshold"

@@ -12,7 +12,7 @@ mask_rule_option = click.option(
     type=click.Choice(MASK_RULES),
     default=None,
     help="threshold: probability >= --threshold. cva-gated: change vector analysis times the "
-    "probability, cut at the pair's outliers (median + 4 robust SD, at least 1.25; sharper for "
-    "changes smaller than a patch; served models "
-    "only). Default: the model's (its card says which), or threshold when --threshold is set.",
+    "probability, cut at the pair's outliers (median + 5 robust SD of its bulk, at least 1.25; "
+    "sharper for changes smaller than a patch; served models only). Default: the model's (its "
+    "card says which), or threshold when --threshold is set.",
 )

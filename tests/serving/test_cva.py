@@ -281,29 +281,33 @@ def test_lower_median_is_exact_over_chunks(monkeypatch: pytest.MonkeyPatch, in_m
 
 
 def test_gate_cut_hand_computed() -> None:
-    # median 2; absolute deviations 2, 1, 0, 1, 98 -> lower median 1; 2 + 4 x 1.4826 x 1
+    # Otsu puts 100 alone above; the bulk 0, 1, 2, 3 has lower median 1, absolute deviations
+    # 1, 0, 1, 2 -> lower median 1; cut 1 + 4 x 1.4826 x 1
     values = np.array([0.0, 1.0, 2.0, 3.0, 100.0])
-    assert gate_cut(values, spread=4.0, floor=0.0) == pytest.approx(7.9304)
+    assert otsu_threshold(values) == 3.0
+    assert gate_cut(values, spread=4.0, floor=0.0) == pytest.approx(6.9304)
     assert gate_cut(values, spread=4.0, floor=10.0) == 10.0  # the floor wins
-    assert gate_cut(values) == pytest.approx(max(cva_module.GATE_FLOOR, 2 + 1.4826 * 1 * 4.0))
+    spread, floor = cva_module.GATE_SPREAD, cva_module.GATE_FLOOR
+    assert gate_cut(values) == pytest.approx(max(floor, 1 + 1.4826 * spread))
     nodata = np.array([[0.0, np.nan, 1.0], [2.0, 3.0, np.nan], [100.0, np.nan, np.nan]])
-    assert gate_cut_of(chunked(nodata, 2), 4.0, 0.0) == pytest.approx(7.9304)
+    assert gate_cut_of(chunked(nodata, 2), 4.0, 0.0) == pytest.approx(6.9304)
 
 
 @pytest.mark.parametrize("in_memory", [1 << 20, 5])
 def test_gate_cut_equals_the_formula_over_chunks(
     monkeypatch: pytest.MonkeyPatch, in_memory: int
 ) -> None:
-    """The deviations' median starts from bounds derived from the values' (no pass of its own):
-    still the exact lower median, however the values are chunked and refined."""
+    """The bulk's count and bounds come from Otsu's histogram and the deviations' from the
+    bulk's (no pass of their own): still the exact lower medians of Otsu's lower class, however
+    the values are chunked and refined."""
     monkeypatch.setattr(cva_module, "SELECT_IN_MEMORY", in_memory)
     rng = np.random.default_rng(22)
     values = (rng.exponential(0.3, 5_001) * rng.random(5_001)).astype(np.float32)
-    v = np.sort(values.astype(np.float64))
+    v = np.sort(values[values <= otsu_threshold(values)].astype(np.float64))  # the bulk
     median = v[(v.size - 1) // 2]
     mad = np.sort(np.abs(v - median))[(v.size - 1) // 2]
     for size in (1, 333, v.size):
-        assert gate_cut_of(chunked(values, size), 4.0, 0.0) == median + 4.0 * 1.4826 * mad
+        assert gate_cut_of(chunked(values, size), 5.0, 0.0) == median + 5.0 * 1.4826 * mad
 
 
 def scene(changed: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -322,19 +326,27 @@ def scene(changed: float, seed: int) -> tuple[np.ndarray, np.ndarray, np.ndarray
     return before, after, probability, truth
 
 
-def test_gate_cut_leaves_an_unchanged_pair_empty_and_caps_no_large_change() -> None:
+@pytest.mark.parametrize("changed", [0.35, 0.6])
+def test_gate_cut_leaves_an_unchanged_pair_empty_and_caps_no_large_change(changed: float) -> None:
     """The cases the rule was chosen for beyond F1: an unchanged pair's mask stays (nearly)
-    empty, where Otsu flags a share of the noise; and a change over a third of the scene is found
-    whole (a fixed fraction rule would cap it)."""
+    empty, where Otsu flags a share of the noise; and a change over a third of the scene, or
+    over most of it, is found whole (a fixed fraction would cap it; the whole scene's median
+    would be change, and a cut from it would miss it all)."""
     before, after, probability, _ = scene(0.0, 1)
     mask, cut = gated_mask(before, after, probability)
     assert cut == cva_module.GATE_FLOOR and mask.mean() < 0.001
     score = gate_magnitude(before, after) * probability
     assert (score > otsu_threshold(score)).mean() > 0.05  # Otsu splits the noise
-    before, after, probability, truth = scene(0.35, 2)
+    before, after, probability, truth = scene(changed, 2)
     mask, cut = gated_mask(before, after, probability)
     rows = int(truth.any(axis=1).sum())
     assert mask[truth].mean() > 0.99 and not mask[rows + 4 :].any()  # past the blurred fringe
+    score = gate_magnitude(before, after) * probability
+    v = np.sort(score.ravel().astype(np.float64))
+    median = v[(v.size - 1) // 2]
+    whole = median + 5.0 * 1.4826 * np.sort(np.abs(v - median))[(v.size - 1) // 2]
+    if changed > 0.5:
+        assert not (score > whole)[truth].any()  # the whole scene's outliers: none of it
 
 
 def test_gated_mask_memory_is_bounded_by_its_outputs() -> None:

@@ -21,6 +21,11 @@ def test_robust_cut_is_the_servers_cut_or_the_floor_alone() -> None:
     score = np.random.default_rng(0).exponential(size=(300, 200)).astype(np.float32)
     assert robust_cut(6.0, 0.0)(score) == gate_cut(score, 6.0, 0.0)
     assert robust_cut(math.inf, 1.5)(score) == 1.5
+    # over the whole scene: the formula with exact lower medians
+    v = np.sort(score.ravel().astype(np.float64))
+    median = v[(v.size - 1) // 2]
+    mad = np.sort(np.abs(v - median))[(v.size - 1) // 2]
+    assert robust_cut(6.0, 0.0, "scene")(score) == median + 6.0 * 1.4826 * mad
 
 
 def test_unchanged_windows_keep_their_margin() -> None:
@@ -38,11 +43,15 @@ def test_measure_and_choose_follow_the_stated_criterion() -> None:
     m = Map("model:pair", score, truth)
     results = measure([m], rules())
     by = {r.rule: r for r in results}
-    assert by["median + 4 SD, floor 1.25"].f1["model:pair"] > 0.95
+    assert by["median + 4 SD of the bulk, floor 1.25"].f1["model:pair"] > 0.95
     assert by["top 2.0%"].eligible is False and by["otsu"].eligible
+    # the whole scene's median is change once most of a scene changed: that rule misses it all
+    assert by["median + 4 SD of the scene, floor 1.25"].large_change_recall < 0.1
+    assert not by["median + 4 SD of the scene, floor 1.25"].eligible
+    assert by["median + 4 SD of the bulk, floor 1.25"].large_change_recall > 0.99
     # the unchanged windows are the three away from the change: the floor keeps them empty
-    assert by["median + 4 SD, floor 1.25"].windows["model:pair"] == 3
-    assert by["median + 4 SD, floor 1.25"].false_alarm["model:pair"] < 0.001
+    assert by["median + 4 SD of the bulk, floor 1.25"].windows["model:pair"] == 3
+    assert by["median + 4 SD of the bulk, floor 1.25"].false_alarm["model:pair"] < 0.001
     # a fixed fraction flags its share of an unchanged window whatever it holds
     assert by["top 2.0%"].false_alarm["model:pair"] == pytest.approx(0.02, abs=1e-3)
     chosen = choose(results, ["model:pair"], 0.01)
@@ -56,7 +65,7 @@ def test_measure_and_choose_follow_the_stated_criterion() -> None:
 
 
 def test_false_alarm_pools_windows_not_maps() -> None:
-    r = Result("x", True, {"a": 0.5, "b": 0.5}, {"a": 0.10, "b": 0.0}, {"a": 1, "b": 9})
+    r = Result("x", True, {"a": 0.5, "b": 0.5}, {"a": 0.10, "b": 0.0}, {"a": 1, "b": 9}, 1.0)
     assert pooled_false_alarm(r, ["a", "b"]) == pytest.approx(0.01)
     with pytest.raises(ValueError, match="no eligible"):
         choose([r], ["a", "b"], 0.001)
