@@ -213,7 +213,8 @@ def parity_inputs(
 _MASK_RULE_TEXT = {
     "threshold": "threshold: probability >= the default threshold",
     "cva-gated": f"cva-gated: change vector analysis' magnitude ({GATE_WINDOW} x {GATE_WINDOW} "
-    f"mean) x probability, cut at the pair's outliers (median + {GATE_SPREAD:g} robust SD, at "
+    f"mean) x probability, cut at the outliers of its bulk (median + {GATE_SPREAD:g} robust SD of "
+    f"Otsu's lower class, at "
     f"least {GATE_FLOOR:g}; the threshold applies when a request sets one)",
 }
 
@@ -367,7 +368,8 @@ accuracy is refused.
         if meta.default_mask_rule == "threshold"
         else "makes the mask by the cva-gated rule (change vector analysis' magnitude, averaged "
         f"over {GATE_WINDOW} x {GATE_WINDOW} pixels, times the probability, cut at each pair's "
-        f"outliers: median + {GATE_SPREAD:g} robust SD of that score, at least {GATE_FLOOR:g}; "
+        f"outliers: median + {GATE_SPREAD:g} robust SD of that score's bulk (Otsu's lower class), "
+        f"at least {GATE_FLOOR:g}; "
         "a request that sets a threshold gets "
         f"probability >= threshold instead, {meta.default_threshold:.4f} by default)"
     )
