@@ -25,9 +25,12 @@ maps among the eligible rules whose mean false-alarm share is at most ``--max-fa
 hidden). A map is ``MODEL:PAIR``: the pair's probability map served by that model of
 ``--models-dir``. Usage (writes ``docs/results/gate_cut_<tag>.{json,md}``):
 
-    python -m training.experiments.gate_cut --dataset oscd --models-dir /tmp/loo \\
-        --validation loo-abudhabi:abudhabi,...,bordeaux-val:bordeaux \\
-        --held-out sentinel2-rgbn:pisa,sentinel2-rgbn:rennes --tag sentinel2
+    python -m training.experiments.gate_cut --dataset oscd --models-dir runs/gate-cut-models \\
+        --models-dir models --validation bordeaux-val:bordeaux,loo-abudhabi:abudhabi,... \\
+        --held-out sentinel2-rgbn:pisa,sentinel2-rgbn:rennes --tag sentinel2-rgbn
+
+(the validation models: ``docs/results/aerial.md``, "Cutting at the outliers of the score's
+bulk").
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ class Map:
 @dataclass(frozen=True)
 class Rule:
     name: str
-    eligible: bool  # a per-scene rule that neither caps a change nor fills an unchanged pair
+    eligible: bool  # per scene, not a fixed fraction (recall on a large change is measured too)
     cut: Callable[[np.ndarray], float]
 
 
