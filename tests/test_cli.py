@@ -200,3 +200,17 @@ def test_the_clis_mask_rules_are_the_servers() -> None:
     from serving.metadata import MASK_RULES as SERVER_RULES
 
     assert MASK_RULES == SERVER_RULES
+
+
+def test_the_clis_mask_rule_help_states_the_servers_cut() -> None:
+    """The help spells the gated cut's constants out (no numpy at --help): they must be the
+    server's."""
+    from serving import cva
+    from serving.cli.options import mask_rule_option
+
+    @mask_rule_option
+    def probe(mask_rule: str | None) -> None: ...
+
+    text = " ".join(probe.__click_params__[0].help.split())
+    assert f"median + {cva.GATE_SPREAD:g} robust SD" in text
+    assert f"at least {cva.GATE_FLOOR:g}" in text

@@ -41,7 +41,7 @@ from PIL import Image
 
 from serving import __version__
 from serving.config import ServerSettings
-from serving.cva import OTSU_BINS, cva
+from serving.cva import GATE_FLOOR, GATE_SPREAD, OTSU_BINS, cva
 from serving.detector import ChangeDetectionCore, DetectRequest, resolve_mask_rule
 from serving.errors import InvalidInput
 from serving.models import ModelRepository
@@ -137,9 +137,7 @@ class Scored:
     probability: np.ndarray  # (H, W) float32 in [0, 1]
     mask: np.ndarray  # (H, W) bool
     threshold: float  # on the probability scale; the gated cut when gated
-    gated: bool = (
-        False  # the mask is CVA x probability > the gated cut, not probability >= threshold
-    )
+    gated: bool = False  # the mask is CVA x probability > the gated cut, not prob >= threshold
 
 
 class Scorer(Protocol):
@@ -168,8 +166,9 @@ class ServedScorer:
         if mask_rule == "cva-gated":
             shown = None
             method = (
-                "cva-gated: CVA magnitude x probability above the median + 5 robust SD of its "
-                "bulk (Otsu's lower class), at least 1.25 (the cut in z units)"
+                f"cva-gated: CVA magnitude x probability above the median + {GATE_SPREAD:g} "
+                f"robust SD of its bulk (Otsu's lower class), at least {GATE_FLOOR:g} "
+                "(the cut in z units)"
             )
         elif threshold is not None:
             shown, method = threshold, "--threshold"
