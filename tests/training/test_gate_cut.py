@@ -5,10 +5,13 @@ import pytest
 
 from serving.cva import gate_cut
 from training.experiments.gate_cut import (
+    Form,
     Map,
     Result,
     Rule,
     choose,
+    choose_form,
+    large_change,
     measure,
     pooled_false_alarm,
     robust_cut,
@@ -70,3 +73,32 @@ def test_false_alarm_pools_windows_not_maps() -> None:
     with pytest.raises(ValueError, match="no eligible"):
         choose([r], ["a", "b"], 0.001)
     assert Rule("otsu", True, float).eligible
+
+
+def test_a_form_fuses_the_large_change_as_it_fuses_the_maps() -> None:
+    server, truth = large_change()
+    assert np.array_equal(server, large_change(form=Form(5, 1.0))[0])
+    squared, _ = large_change(form=Form(5, 2.0))
+    wide, _ = large_change(form=Form(9, 1.0))
+    # p < 1 everywhere: squaring it lowers every score by p, most where the model says no change
+    assert (squared < server).all()
+    ratio = squared / server
+    assert np.allclose(ratio[truth], 0.9) and ratio[76:].max() <= 0.2 + 1e-6
+    assert not np.array_equal(wide, server)
+
+
+def test_choose_form_takes_the_best_allowed_rule_of_any_form() -> None:
+    def result(name: str, f1: float, alarm: float, eligible: bool = True) -> Result:
+        return Result(
+            name, eligible, {"v": f1, "h": 0.9}, {"v": alarm, "h": 0.0}, {"v": 4, "h": 4}, 1.0
+        )
+
+    by_form = {
+        Form(5, 1.0): [result("a", 0.30, 0.005), result("b", 0.40, 0.02)],
+        Form(3, 2.0): [result("c", 0.35, 0.009), result("d", 0.50, 0.001, eligible=False)],
+        Form(9, 1.0): [result("e", 0.60, 0.05)],  # nothing allowed: skipped, not an error
+    }
+    form, chosen = choose_form(by_form, ["v"], 0.01)
+    assert (form, chosen.rule) == (Form(3, 2.0), "c")
+    with pytest.raises(ValueError, match="any form"):
+        choose_form({Form(9, 1.0): by_form[Form(9, 1.0)]}, ["v"], 0.01)

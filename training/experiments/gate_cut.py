@@ -15,19 +15,25 @@ changed it flagged a fifth. Candidate cuts, each per scene:
   :func:`~serving.cva.gate_cut`), so that a change over much of the scene does not become the
   median.
 
+Each cut is tried on each *fusion form* ``--windows`` x ``--exponents``: the score
+``m_w * p ** e``, CVA's magnitude averaged over ``w`` pixels square times the probability to the
+``e`` (the server's form is ``w = 5, e = 1``), so that the window and the weight of the model
+are chosen with the cut, on the same maps.
+
 Each candidate is scored on every map: pixel F1, and the share of pixels it flags inside
 *unchanged windows* (128 x 128 windows with no change within 16 px, cut as scenes of their own):
 what an unchanged pair would get; and its recall on a synthetic scene with 60 % of its rows
 changed (:func:`large_change`): a rule that misses it (recall under 0.9) is not eligible. The
-chosen rule is the best mean F1 over the ``validation``
-maps among the eligible rules whose mean false-alarm share is at most ``--max-false-alarm``;
-``held-out`` maps only report it (every candidate's held-out F1 is written too, so nothing is
+chosen form and rule are the best mean F1 over the ``validation`` maps among the eligible rules
+(of every form) whose false-alarm share is at most ``--max-false-alarm``; ``held-out`` maps only
+report it (every candidate's held-out F1 is written too, and each form's best, so nothing is
 hidden). A map is ``MODEL:PAIR``: the pair's probability map served by that model of
 ``--models-dir``. Usage (writes ``docs/results/gate_cut_<tag>.{json,md}``):
 
     python -m training.experiments.gate_cut --dataset oscd --models-dir runs/gate-cut-models \\
         --models-dir models --validation bordeaux-val:bordeaux,loo-abudhabi:abudhabi,... \\
-        --held-out sentinel2-rgbn:pisa,sentinel2-rgbn:rennes --tag sentinel2-rgbn
+        --held-out sentinel2-rgbn:pisa,sentinel2-rgbn:rennes --windows 1,3,5,7,9 \\
+        --exponents 0.5,1,1.5,2,3 --tag sentinel2-rgbn
 
 (the validation models: ``docs/results/aerial.md``, "Cutting at the outliers of the score's
 bulk").
@@ -46,7 +52,14 @@ from pathlib import Path
 import numpy as np
 
 from serving.config import ServerSettings
-from serving.cva import MAD_TO_SD, gate_cut, gate_magnitude, lower_median_of, otsu_threshold
+from serving.cva import (
+    GATE_WINDOW,
+    MAD_TO_SD,
+    gate_cut,
+    gate_magnitude,
+    lower_median_of,
+    otsu_threshold,
+)
 from training.datasets.registry import load_dataset
 from training.evaluation import pixel_counts, served_scorer, write_atomic
 
@@ -59,11 +72,22 @@ MIN_LARGE_CHANGE_RECALL = 0.9
 
 
 @dataclass(frozen=True)
+class Form:
+    """How the score fuses CVA and the model: ``m_window * p ** exponent``."""
+
+    window: int = GATE_WINDOW
+    exponent: float = 1.0
+
+    def __str__(self) -> str:
+        return f"{self.window} x {self.window} mean x p^{self.exponent:g}"
+
+
+@dataclass(frozen=True)
 class Map:
-    """One pair's gated score under one model, with its truth."""
+    """One pair's gated score under one model and one form, with its truth."""
 
     name: str  # MODEL:PAIR
-    score: np.ndarray  # (H, W) float32, m5 * p
+    score: np.ndarray  # (H, W) float32, m_w * p ** e
     truth: np.ndarray  # (H, W) bool
 
 
@@ -108,7 +132,9 @@ def rules() -> list[Rule]:
     return out
 
 
-def large_change(changed: float = 0.6, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def large_change(
+    changed: float = 0.6, seed: int = 0, form: Form = Form()
+) -> tuple[np.ndarray, np.ndarray]:
     """The gated score and truth of a synthetic 4-band pair, 120 x 120, with ``changed`` of its
     rows changed (the model's probability high there and four rows beyond) and noise elsewhere:
     a flood over most of a tile, which a rule must not miss."""
@@ -121,7 +147,8 @@ def large_change(changed: float = 0.6, seed: int = 0) -> tuple[np.ndarray, np.nd
     truth[:rows] = True
     probability = rng.uniform(0.02, 0.2, (120, 120)).astype(np.float32)
     probability[: rows + 4] = 0.9
-    return gate_magnitude(before, after) * probability, truth
+    fused = gate_magnitude(before, after, window=form.window) * probability**form.exponent
+    return fused, truth
 
 
 def unchanged_windows(truth: np.ndarray) -> list[tuple[int, int]]:
@@ -152,9 +179,10 @@ def f1(pred: np.ndarray, truth: np.ndarray) -> float:
     return pixel_counts(pred, truth).scores()["f1"]
 
 
-def measure(maps: Sequence[Map], candidates: Sequence[Rule]) -> list[Result]:
+def measure(maps: Sequence[Map], candidates: Sequence[Rule], form: Form = Form()) -> list[Result]:
+    """Every candidate on ``maps`` (made with ``form``, which the large change is made with)."""
     windows = {m.name: unchanged_windows(m.truth) for m in maps}
-    big, big_truth = large_change()
+    big, big_truth = large_change(form=form)
     results = []
     for rule in candidates:
         recall = float((big > rule.cut(big))[big_truth].mean())
@@ -198,6 +226,52 @@ def choose(results: Sequence[Result], validation: Sequence[str], max_false_alarm
     return max(allowed, key=lambda r: mean_over(r.f1, validation))
 
 
+def choose_form(
+    by_form: dict[Form, list[Result]], validation: Sequence[str], max_false_alarm: float
+) -> tuple[Form, Result]:
+    """:func:`choose` over every form's rules together (first form wins a tie)."""
+    best: tuple[Form, Result] | None = None
+    for form, results in by_form.items():
+        try:
+            r = choose(results, validation, max_false_alarm)
+        except ValueError:
+            continue
+        if best is None or mean_over(r.f1, validation) > mean_over(best[1].f1, validation):
+            best = (form, r)
+    if best is None:
+        raise ValueError(
+            f"no eligible rule of any form flags at most {max_false_alarm:.1%} of unchanged windows"
+        )
+    return best
+
+
+def forms_table(
+    by_form: dict[Form, list[Result]],
+    validation: Sequence[str],
+    held_out: Sequence[str],
+    max_false_alarm: float,
+) -> list[str]:
+    """Each form's own best allowed rule, so that the form's part in the choice shows."""
+    lines = [
+        "| form | its best allowed rule | validation F1 | validation false alarm "
+        "| held-out F1 " + "".join(f"| {n} " for n in held_out) + "|",
+        "|---|---|---|---|---|" + "---|" * len(held_out),
+    ]
+    for form, results in by_form.items():
+        try:
+            r = choose(results, validation, max_false_alarm)
+        except ValueError:
+            lines.append(f"| {form} | none allowed |" + " |" * (3 + len(held_out)))
+            continue
+        lines.append(
+            f"| {form} | {r.rule} | {mean_over(r.f1, validation):.3f} "
+            f"| {pooled_false_alarm(r, validation):.2%} | {mean_over(r.f1, held_out):.3f} "
+            + "".join(f"| {r.f1[n]:.3f} " for n in held_out)
+            + "|"
+        )
+    return lines
+
+
 def markdown(
     command: str,
     results: Sequence[Result],
@@ -205,6 +279,8 @@ def markdown(
     validation: Sequence[str],
     held_out: Sequence[str],
     max_false_alarm: float,
+    form: Form = Form(),
+    by_form: dict[Form, list[Result]] | None = None,
 ) -> str:
     lines = [
         "# Where the cva-gated rule cuts its score",
@@ -213,7 +289,9 @@ def markdown(
         "",
         f"```\n{command}\n```",
         "",
-        "Score = CVA magnitude (5 x 5 mean) x probability. F1 per map; *false alarm*: the share of "
+        "Score = CVA magnitude (w x w mean) x probability^e; the rules below are the chosen "
+        f"form's, "
+        f"{form}. F1 per map; *false alarm*: the share of "
         "pixels flagged inside unchanged 128 px windows (no change within 16 px), each cut as a "
         "scene of its own, pooled over the maps' windows; *recall, 60 % changed*: on a synthetic "
         "scene with most of its rows changed (under 0.9: not eligible). The rule is chosen on the "
@@ -222,7 +300,7 @@ def markdown(
         f"{max_false_alarm:.1%} "
         "(fixed fractions are never eligible). Held-out maps only report it.",
         "",
-        f"**Chosen: {chosen.rule}**.",
+        f"**Chosen: {chosen.rule}, on {form}**.",
         "",
         "| rule | eligible | recall, 60 % changed | validation F1 | validation false alarm "
         "| held-out F1 " + "".join(f"| {n} " for n in held_out) + "|",
@@ -250,13 +328,23 @@ def markdown(
             f"| {otsu.f1[n]:.3f} "
             f"| {otsu.false_alarm[n]:.2%} |"
         )
+    if by_form and len(by_form) > 1:
+        lines += [
+            "",
+            "The fusion forms, each with its own best allowed rule (the same criterion):",
+            "",
+            *forms_table(by_form, validation, held_out, max_false_alarm),
+        ]
     return "\n".join([*lines, ""])
 
 
-def load_maps(spec: Sequence[str], dataset: str, models_dir: Path) -> list[Map]:
+def load_maps(
+    spec: Sequence[str], dataset: str, models_dir: Path, forms: Sequence[Form] = (Form(),)
+) -> dict[Form, list[Map]]:
+    """Each ``MODEL:PAIR``'s served probability, fused by every form."""
     pairs = {p.name: p for p in load_dataset(dataset)}
     settings = ServerSettings(models_dir=models_dir, metrics_port=-1)
-    maps = []
+    maps: dict[Form, list[Map]] = {f: [] for f in forms}
     for model in dict.fromkeys(s.split(":", 1)[0] for s in spec):
         with served_scorer(settings, model, mask_rule="threshold") as scorer:
             for s in spec:
@@ -265,8 +353,13 @@ def load_maps(spec: Sequence[str], dataset: str, models_dir: Path) -> list[Map]:
                     continue
                 pair = pairs[pair_name]
                 prob = scorer.score(pair.before, pair.after).probability
-                score = gate_magnitude(pair.before, pair.after) * prob
-                maps.append(Map(s, score, pair.mask.astype(bool)))
+                magnitude = {
+                    w: gate_magnitude(pair.before, pair.after, window=w)
+                    for w in {f.window for f in forms}
+                }
+                for f in forms:
+                    score = magnitude[f.window] * prob**f.exponent
+                    maps[f].append(Map(s, score, pair.mask.astype(bool)))
     return maps
 
 
@@ -276,6 +369,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--validation", required=True, help="MODEL:PAIR,... the rule is chosen on")
     parser.add_argument("--held-out", default="", help="MODEL:PAIR,... only reported")
     parser.add_argument("--max-false-alarm", type=float, default=0.01)
+    parser.add_argument(
+        "--windows", default=str(GATE_WINDOW), help="odd CVA windows to try, comma-separated"
+    )
+    parser.add_argument("--exponents", default="1", help="probability exponents to try")
     parser.add_argument("--tag", required=True, help="suffix of the output files")
     parser.add_argument(
         "--models-dir",
@@ -291,31 +388,48 @@ def main(argv: Sequence[str] | None = None) -> None:
     for s in validation + held_out:
         if ":" not in s:
             parser.error(f"{s!r}: expected MODEL:PAIR")
-    maps: list[Map] = []
+    forms = [
+        Form(int(w), float(e)) for w in args.windows.split(",") for e in args.exponents.split(",")
+    ]
+    maps: dict[Form, list[Map]] = {f: [] for f in forms}
     for models_dir in args.models_dir or [ROOT / "models"]:
         present = {p.name for p in models_dir.iterdir() if (p / "model.onnx").is_file()}
         wanted = [s for s in validation + held_out if s.split(":", 1)[0] in present]
-        maps += load_maps(wanted, args.dataset, models_dir)
-    missing = set(validation + held_out) - {m.name for m in maps}
+        for f, loaded in load_maps(wanted, args.dataset, models_dir, forms).items():
+            maps[f] += loaded
+    missing = set(validation + held_out) - {m.name for m in maps[forms[0]]}
     if missing:
         parser.error(f"no model for {sorted(missing)} in {args.models_dir}")
-    results = measure(maps, rules())
-    chosen = choose(results, validation, args.max_false_alarm)
+    by_form = {f: measure(maps[f], rules(), f) for f in forms}
+    form, chosen = choose_form(by_form, validation, args.max_false_alarm)
+    results = by_form[form]
     command = " ".join(
         ["python -m training.experiments.gate_cut", *(argv if argv is not None else sys.argv[1:])]
     )
+
+    def best_of(results: list[Result]) -> dict | None:
+        try:
+            return asdict(choose(results, validation, args.max_false_alarm))
+        except ValueError:
+            return None
+
     payload = {
         "command": command,
         "validation": validation,
         "held_out": held_out,
         "max_false_alarm": args.max_false_alarm,
         "chosen": chosen.rule,
+        "chosen_form": asdict(form),
         "results": [asdict(r) for r in results],
+        # every form's own best allowed rule (the forms table); its other rules stay unsaved
+        "forms": [{**asdict(f), "best": best_of(by_form[f])} for f in forms],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"gate_cut_{args.tag}"
     write_atomic(stem.with_suffix(".json"), (json.dumps(payload, indent=1) + "\n").encode())
-    md = markdown(command, results, chosen, validation, held_out, args.max_false_alarm)
+    md = markdown(
+        command, results, chosen, validation, held_out, args.max_false_alarm, form, by_form
+    )
     write_atomic(stem.with_suffix(".md"), md.encode())
     print(md)
 
