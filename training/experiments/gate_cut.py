@@ -226,15 +226,24 @@ def choose(results: Sequence[Result], validation: Sequence[str], max_false_alarm
     return max(allowed, key=lambda r: mean_over(r.f1, validation))
 
 
+def best_allowed(
+    results: Sequence[Result], validation: Sequence[str], max_false_alarm: float
+) -> Result | None:
+    """:func:`choose`, or None where no rule is allowed (a form may have none)."""
+    try:
+        return choose(results, validation, max_false_alarm)
+    except ValueError:
+        return None
+
+
 def choose_form(
     by_form: dict[Form, list[Result]], validation: Sequence[str], max_false_alarm: float
 ) -> tuple[Form, Result]:
     """:func:`choose` over every form's rules together (first form wins a tie)."""
     best: tuple[Form, Result] | None = None
     for form, results in by_form.items():
-        try:
-            r = choose(results, validation, max_false_alarm)
-        except ValueError:
+        r = best_allowed(results, validation, max_false_alarm)
+        if r is None:
             continue
         if best is None or mean_over(r.f1, validation) > mean_over(best[1].f1, validation):
             best = (form, r)
@@ -258,9 +267,8 @@ def forms_table(
         "|---|---|---|---|---|" + "---|" * len(held_out),
     ]
     for form, results in by_form.items():
-        try:
-            r = choose(results, validation, max_false_alarm)
-        except ValueError:
+        r = best_allowed(results, validation, max_false_alarm)
+        if r is None:
             lines.append(f"| {form} | none allowed |" + " |" * (3 + len(held_out)))
             continue
         lines.append(
@@ -289,9 +297,8 @@ def markdown(
         "",
         f"```\n{command}\n```",
         "",
-        "Score = CVA magnitude (w x w mean) x probability^e; the rules below are the chosen "
-        f"form's, "
-        f"{form}. F1 per map; *false alarm*: the share of "
+        f"Score = CVA magnitude (w x w mean) x probability^e; the rules below are the chosen "
+        f"form's, {form}. F1 per map; *false alarm*: the share of "
         "pixels flagged inside unchanged 128 px windows (no change within 16 px), each cut as a "
         "scene of its own, pooled over the maps' windows; *recall, 60 % changed*: on a synthetic "
         "scene with most of its rows changed (under 0.9: not eligible). The rule is chosen on the "
@@ -407,12 +414,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         ["python -m training.experiments.gate_cut", *(argv if argv is not None else sys.argv[1:])]
     )
 
-    def best_of(results: list[Result]) -> dict | None:
-        try:
-            return asdict(choose(results, validation, args.max_false_alarm))
-        except ValueError:
-            return None
-
     payload = {
         "command": command,
         "validation": validation,
@@ -422,7 +423,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         "chosen_form": asdict(form),
         "results": [asdict(r) for r in results],
         # every form's own best allowed rule (the forms table); its other rules stay unsaved
-        "forms": [{**asdict(f), "best": best_of(by_form[f])} for f in forms],
+        "forms": [
+            {**asdict(f), "best": asdict(r) if r else None}
+            for f in forms
+            for r in [best_allowed(by_form[f], validation, args.max_false_alarm)]
+        ],
     }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"gate_cut_{args.tag}"
