@@ -1,8 +1,10 @@
 """Onera Satellite Change Detection (OSCD): Sentinel-2 pairs of cities at 10 m, urban change masks.
 
-Layout (the shared copy, bands already stacked): ``<oscd>/<city>/<city>_t1_B04B03B02B08.tif`` and
-``_t2_`` (4-band uint16 GeoTIFF: B04 red, B03 green, B02 blue, B08 near-infrared),
-``<city>_cm.tif`` (uint8 0/1 change mask on the t1 grid), ``dates.txt``.
+Layout (the shared copy, bands already stacked; the authors' full release, one file per band,
+is read by :mod:`training.datasets.oscd_release` when ``root`` holds it):
+``<oscd>/<city>/<city>_t1_B04B03B02B08.tif`` and ``_t2_`` (4-band uint16 GeoTIFF: B04 red,
+B03 green, B02 blue, B08 near-infrared), ``<city>_cm.tif`` (uint8 0/1 change mask on the t1
+grid), ``dates.txt``.
 
 Pixels are kept as uint16: Sentinel-2 L1C digital numbers, top-of-atmosphere reflectance times
 10,000. On the shared copy (10 cities, t1 and t2) values run from 1 to 28,000, the 99.9th
@@ -28,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+from rasterio.coords import BoundingBox
 from rasterio.crs import CRS
 from rasterio.transform import Affine
 from rasterio.warp import Resampling, reproject
@@ -42,7 +45,13 @@ RESAMPLING = Resampling.bilinear  # t2 onto the t1 grid; see the module docstrin
 
 
 def list_oscd(root: Path | str | None = None) -> list[str]:
-    """The cities (folders holding ``<city>_t1_B04B03B02B08.tif``), sorted."""
+    """The cities (folders holding ``<city>_t1_B04B03B02B08.tif``; in the authors' release, the
+    labelled cities), sorted."""
+    release = _release_dir(root)
+    if release is not None:
+        from training.datasets.oscd_release import list_release
+
+        return list_release(release)
     folder = _oscd_dir(root)
     return sorted(p.name for p in folder.iterdir() if (p / _t(p.name, 1)).is_file())
 
@@ -52,7 +61,14 @@ def load_oscd(
 ) -> list[ScenePair]:
     """All cities (or ``cities``) as (H, W, 4) uint16 scenes on their t1 grid.
 
-    ``root`` is the oscd folder or the data folder holding it; default: the shared data."""
+    ``root`` is the oscd folder or the data folder holding it; default: the shared data. A
+    folder holding the authors' release gives its labelled cities with all 13 bands
+    (:mod:`training.datasets.oscd_release`)."""
+    release = _release_dir(root)
+    if release is not None:
+        from training.datasets.oscd_release import load_release
+
+        return load_release(release, cities)
     folder = _oscd_dir(root)
     have = list_oscd(folder)
     if cities is None:
@@ -149,19 +165,33 @@ def _same_grid(a: rasterio.io.DatasetReader, b: rasterio.io.DatasetReader) -> bo
 def _check_covers(
     city: str, src: rasterio.io.DatasetReader, dst: rasterio.io.DatasetReader
 ) -> None:
-    """Refuse to resample when t2 does not cover t1 (up to half a t2 pixel): the uncovered part
-    would come out as zeros, which look like a dramatic change."""
-    if src.crs != dst.crs:
-        raise DatasetError(f"oscd {city}: t1 is in {dst.crs}, t2 in {src.crs}")
-    tol_x, tol_y = abs(src.transform.a) / 2, abs(src.transform.e) / 2
-    s, d = src.bounds, dst.bounds
+    check_covers(city, src.bounds, src.transform, src.crs, dst.bounds, dst.crs)
+
+
+def check_covers(
+    city: str,
+    s: BoundingBox,
+    src_transform: Affine,
+    src_crs: CRS,
+    d: BoundingBox,
+    dst_crs: CRS,
+    what: str = "t2",
+    onto: str = "t1",
+) -> None:
+    """Refuse to resample when ``what`` does not cover ``onto`` (up to half a source pixel): the
+    uncovered part would come out as zeros, which look like a dramatic change."""
+    if src_crs != dst_crs:
+        raise DatasetError(f"oscd {city}: {onto} is in {dst_crs}, {what} in {src_crs}")
+    tol_x, tol_y = abs(src_transform.a) / 2, abs(src_transform.e) / 2
     if (
         s.left > d.left + tol_x
         or s.right < d.right - tol_x
         or s.bottom > d.bottom + tol_y
         or s.top < d.top - tol_y
     ):
-        raise DatasetError(f"oscd {city}: t2 bounds {tuple(s)} do not cover t1 bounds {tuple(d)}")
+        raise DatasetError(
+            f"oscd {city}: {what} bounds {tuple(s)} do not cover {onto} bounds {tuple(d)}"
+        )
 
 
 def _dates(path: Path) -> dict[str, str]:
@@ -174,6 +204,18 @@ def _dates(path: Path) -> dict[str, str]:
         if sep and key.strip():
             meta[key.strip()] = value.strip()
     return meta
+
+
+def _release_dir(root: Path | str | None) -> Path | None:
+    """``root`` (or ``root/oscd``) when it holds the authors' release, else None."""
+    if root is None:
+        return None
+    from training.datasets.oscd_release import is_release
+
+    for candidate in (Path(root), Path(root) / "oscd"):
+        if candidate.is_dir() and is_release(candidate):
+            return candidate
+    return None
 
 
 def _oscd_dir(root: Path | str | None) -> Path:
