@@ -90,7 +90,7 @@ def read_release_city(root: Path, city: str) -> ScenePair:
     after, grid2, notes2 = _read_date(folder / "imgs_2_rect", city, "t2")
     meta = _dates(folder / "dates.txt") | notes | notes2
     if after.shape != before.shape or not _same_place(grid, grid2):
-        after = _onto(after, grid2, before.shape[1:], grid, city, "t2")
+        after = _onto(after, grid2, grid, city, "t2", "t1")
         meta["t2_resampled"] = (
             f"{RESAMPLING.name} from {grid2[0]}x{grid2[1]} onto the t1 grid "
             f"{before.shape[1]}x{before.shape[2]}"
@@ -127,7 +127,7 @@ def _read_date(folder: Path, city: str, date: str) -> tuple[np.ndarray, Grid, di
     for i, code in enumerate(BAND_CODES):
         band, g = (ref, grid) if code == REFERENCE else _read_band(paths[code], city)
         if band.shape != (h, w):
-            band = _onto(band[None], g, (h, w), grid, city, f"{date} {code}")[0]
+            band = _onto(band[None], g, grid, city, f"{date} {code}", f"{date} {REFERENCE}")[0]
             resampled.append(code)
         out[i] = band
     notes = {f"{date}_bands_resampled": ",".join(resampled)} if resampled else {}
@@ -166,18 +166,15 @@ def _same_place(a: Grid, b: Grid) -> bool:
     return a[:2] == b[:2] and a[3] == b[3] and a[2].almost_equals(b[2])
 
 
-def _onto(
-    source: np.ndarray, src: Grid, shape: tuple[int, int], dst: Grid, city: str, what: str
-) -> np.ndarray:
+def _onto(source: np.ndarray, src: Grid, dst: Grid, city: str, what: str, onto: str) -> np.ndarray:
     """(C, h, w) onto ``dst``'s (H, W) grid: by georeference when both have one, else over the
     same extent (the transforms the sizes imply)."""
+    shape = dst[:2]
     if src[3] is not None and dst[3] is not None:
-        check_covers(
-            city, _bounds(src), src[2], src[3], _bounds(dst), dst[3], what, "its reference grid"
-        )
+        check_covers(city, _bounds(src), src[2], src[3], _bounds(dst), dst[3], what, onto)
         return resample_onto(source, src[2], src[3], shape, dst[2], dst[3])
     if src[3] is not None or dst[3] is not None:
-        raise DatasetError(f"oscd {city}: {what} and its reference differ in having a georeference")
+        raise DatasetError(f"oscd {city}: {what} and {onto} differ in having a georeference")
     h, w = source.shape[1:]
     scale = Affine.scale(shape[1] / w, shape[0] / h)
     return resample_onto(source, scale, _LOCAL, shape, Affine.identity(), _LOCAL)
