@@ -26,6 +26,7 @@ IGARSS 2018).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -66,10 +67,12 @@ def load_oscd(
     (:mod:`training.datasets.oscd_release`)."""
     release = _release_dir(root)
     if release is not None:
-        from training.datasets.oscd_release import load_release
+        from training.datasets.oscd_release import read_release_city
 
-        return load_release(release, cities)
-    folder = _oscd_dir(root)
+        folder, read = release, partial(read_release_city, release)
+    else:
+        folder = _oscd_dir(root)
+        read = partial(_read_city_in, folder)
     have = list_oscd(folder)
     if cities is None:
         cities = have
@@ -77,8 +80,12 @@ def load_oscd(
     if unknown:
         raise DatasetNotFound(f"oscd: no city {', '.join(unknown)} in {folder}; have {have}")
     if not cities:
-        raise DatasetNotFound(f"oscd: no city folders in {folder}")
-    return [read_oscd_city(folder / c) for c in cities]
+        raise DatasetNotFound(f"oscd: no city in {folder}")
+    return [read(c) for c in cities]
+
+
+def _read_city_in(folder: Path, city: str) -> ScenePair:
+    return read_oscd_city(folder / city)
 
 
 def read_oscd_city(folder: Path) -> ScenePair:

@@ -22,7 +22,6 @@ near-infrared, the shared copy's stack and the bundled ``sentinel2-rgbn`` model'
 from __future__ import annotations
 
 import warnings
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -33,9 +32,9 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 
 from training.datasets.oscd import RESAMPLING, _dates, check_covers, resample_onto
-from training.datasets.scenes import DatasetError, DatasetNotFound, ScenePair
+from training.datasets.scenes import DatasetError, ScenePair
 
-__all__ = ["BAND_NAMES", "IMAGES", "LABELS", "is_release", "list_release", "load_release"]
+__all__ = ["BAND_NAMES", "IMAGES", "LABELS", "is_release", "list_release", "read_release_city"]
 
 IMAGES = "Onera Satellite Change Detection dataset - Images"
 LABELS = (
@@ -68,19 +67,6 @@ def list_release(root: Path) -> list[str]:
         and (p / "imgs_2_rect").is_dir()
         and _labels_dir(root, p.name) is not None
     )
-
-
-def load_release(root: Path, cities: Sequence[str] | None = None) -> list[ScenePair]:
-    """All labelled cities (or ``cities``) as (H, W, 13) uint16 scenes on their t1 grid."""
-    have = list_release(root)
-    if cities is None:
-        cities = have
-    unknown = [c for c in cities if c not in have]
-    if unknown:
-        raise DatasetNotFound(f"oscd: no labelled city {', '.join(unknown)} in {root}; have {have}")
-    if not cities:
-        raise DatasetNotFound(f"oscd: no labelled city in {root / IMAGES}")
-    return [read_release_city(root, c) for c in cities]
 
 
 def read_release_city(root: Path, city: str) -> ScenePair:
