@@ -364,9 +364,9 @@ def load_maps(
                     w: gate_magnitude(pair.before, pair.after, window=w)
                     for w in {f.window for f in forms}
                 }
+                truth = pair.mask.astype(bool)  # one array shared by every form's map
                 for f in forms:
-                    score = magnitude[f.window] * prob**f.exponent
-                    maps[f].append(Map(s, score, pair.mask.astype(bool)))
+                    maps[f].append(Map(s, magnitude[f.window] * prob**f.exponent, truth))
     return maps
 
 
